@@ -1,0 +1,10 @@
+//! qualia-webhook: a durable receiver for Qualia Marketplace activity
+//! notifications.
+#![forbid(unsafe_code)]
+
+pub mod activity;
+pub mod config;
+pub mod http;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

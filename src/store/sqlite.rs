@@ -1,0 +1,756 @@
+//! The embedded SQLite backend.
+//!
+//! Writes go through one writer thread that owns the only write connection.
+//! It takes every write waiting in its queue, applies each in its own
+//! savepoint inside one transaction, commits once (one fsync, WAL with
+//! `synchronous=FULL`), and only then answers each caller: group commit.
+//! Under load, many requests share one fsync; alone, a request waits for
+//! exactly one commit. Reads use a small pool of read-only connections, which
+//! WAL lets run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    ActivityQuery, ActivityRecord, Enrichment, JobRecord, JobState, MessageRecord, NewActivity,
+    Page, QuarantineEntry, Recorded, Store, StoreError,
+};
+use crate::activity::{ActivityType, MessageId, OrderId};
+
+/// Most writes applied in one transaction.
+const MAX_BATCH: usize = 1024;
+/// Writes waiting for the writer before callers wait to enqueue.
+const QUEUE_DEPTH: usize = 8192;
+/// Read connections kept open.
+const READ_POOL: usize = 8;
+/// How long a connection waits for a lock held by another process.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts them.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE activities (
+    seq              INTEGER PRIMARY KEY,
+    activity_id      TEXT NOT NULL UNIQUE,
+    order_id         TEXT NOT NULL,
+    activity_type    TEXT NOT NULL,
+    description      TEXT NOT NULL,
+    message_id       TEXT,
+    received_ms      INTEGER NOT NULL,
+    request_id       TEXT NOT NULL,
+    raw              TEXT NOT NULL,
+    enrichment       TEXT NOT NULL,
+    deliveries       INTEGER NOT NULL DEFAULT 1,
+    last_delivery_ms INTEGER NOT NULL
+);
+CREATE INDEX activities_by_order ON activities(order_id, seq);
+CREATE INDEX activities_by_type ON activities(activity_type, seq);
+CREATE INDEX activities_by_message ON activities(order_id, message_id) WHERE message_id IS NOT NULL;
+
+CREATE TABLE dedup (
+    key         TEXT PRIMARY KEY,
+    activity_id TEXT NOT NULL,
+    expires_ms  INTEGER
+) WITHOUT ROWID;
+CREATE INDEX dedup_by_expiry ON dedup(expires_ms) WHERE expires_ms IS NOT NULL;
+
+CREATE TABLE jobs (
+    job_id          TEXT PRIMARY KEY,
+    kind            TEXT NOT NULL,
+    order_id        TEXT NOT NULL,
+    message_id      TEXT,
+    activity_id     TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    lease_until_ms  INTEGER,
+    last_error      TEXT,
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX jobs_due ON jobs(state, next_attempt_ms);
+
+CREATE TABLE messages (
+    order_id     TEXT NOT NULL,
+    message_id   TEXT NOT NULL,
+    order_number TEXT,
+    from_name    TEXT,
+    text         TEXT,
+    created_date TEXT,
+    read         INTEGER,
+    attachments  TEXT NOT NULL,
+    stored_ms    INTEGER NOT NULL,
+    PRIMARY KEY (order_id, message_id)
+) WITHOUT ROWID;
+
+CREATE TABLE quarantine (
+    id          INTEGER PRIMARY KEY,
+    received_ms INTEGER NOT NULL,
+    request_id  TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    body        BLOB NOT NULL
+);
+
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"#];
+
+/// One write waiting for the writer thread.
+trait WriteOp: Send {
+    /// Applies the write inside the current transaction; `false` if it failed
+    /// (its savepoint is then rolled back).
+    fn apply(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller once the transaction holding the write has ended.
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>);
+}
+
+struct Op<R, F> {
+    f: Option<F>,
+    result: Option<rusqlite::Result<R>>,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<R, F> WriteOp for Op<R, F>
+where
+    R: Send,
+    F: FnOnce(&Connection) -> rusqlite::Result<R> + Send,
+{
+    fn apply(&mut self, conn: &Connection) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
+        let result = f(conn);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
+        let out = match (self.result, commit) {
+            (Some(Err(e)), _) => Err(unavailable(e)),
+            (_, Err(e)) => Err(e),
+            (Some(Ok(r)), Ok(())) => Ok(r),
+            (None, Ok(())) => Err(StoreError::unavailable("write was not applied")),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writes: Mutex<Option<mpsc::Sender<Box<dyn WriteOp>>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    quarantine_max: u64,
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::unavailable(e)
+}
+
+fn open_error(path: &Path, e: impl Into<super::BoxError>) -> StoreError {
+    StoreError::Open {
+        location: format!("sqlite://{}", path.display()),
+        source: e.into(),
+    }
+}
+
+fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "journal_mode is {mode}, WAL is required"
+        )));
+    }
+    // FULL: the WAL is synced at every commit, so a commit survives a power cut.
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the database schema is version {version}, newer than this program's {}; \
+             run a newer qualia-webhook",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    }
+    // A real write, so an unwritable file is found now and not at the first
+    // notification.
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES ('opened_ms', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [super::now_ms().to_string()],
+    )?;
+    tx.commit()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file, applies migrations and
+    /// starts the writer. A corrupt or unwritable file is an error here.
+    pub async fn open(path: &Path, quarantine_max: u64) -> Result<Self, StoreError> {
+        let path = path.to_path_buf();
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    open_error(&p, format!("cannot create folder {}: {e}", dir.display()))
+                })?;
+            }
+            let mut conn = open_writer(&p).map_err(|e| open_error(&p, e))?;
+            migrate(&mut conn).map_err(|e| open_error(&p, e))?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| open_error(&path, e))??;
+
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run_writer(conn, rx))
+            .map_err(|e| open_error(&path, e))?;
+
+        Ok(SqliteStore {
+            path,
+            writes: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            quarantine_max,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in the writer's next transaction; answers after the commit.
+    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let sender = self
+            .writes
+            .lock()
+            .map_err(|_| StoreError::unavailable("store lock poisoned"))?
+            .clone()
+            .ok_or_else(|| StoreError::unavailable("store is closed"))?;
+        let (reply, rx) = oneshot::channel::<Result<R, StoreError>>();
+        let op: Box<dyn WriteOp> = Box::new(Op {
+            f: Some(f),
+            result: None,
+            reply,
+        });
+        sender
+            .send(op)
+            .await
+            .map_err(|_| StoreError::unavailable("store writer has stopped"))?;
+        rx.await
+            .map_err(|_| StoreError::unavailable("store writer has stopped"))?
+    }
+
+    /// Runs `f` on a pooled read connection, off the async threads.
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let readers = Arc::clone(&self.readers);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().ok().and_then(|mut v| v.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_reader(&path).map_err(unavailable)?,
+            };
+            let out = f(&conn);
+            if let Ok(mut v) = readers.lock() {
+                if v.len() < READ_POOL {
+                    v.push(conn);
+                }
+            }
+            out
+        })
+        .await
+        .map_err(StoreError::unavailable)?
+    }
+}
+
+/// The writer thread: one transaction per batch of queued writes.
+fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
+    let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(MAX_BATCH);
+    let mut last_sweep_ms = 0i64;
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        apply_batch(&conn, &mut batch);
+
+        let now = super::now_ms();
+        if now - last_sweep_ms > 60_000 {
+            last_sweep_ms = now;
+            if let Err(e) = sweep_expired_dedup(&conn, now) {
+                tracing::warn!(error = %e, "could not remove expired dedup markers");
+            }
+        }
+    }
+    // Queue closed: every write was answered. Fold the WAL back into the file.
+    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+        tracing::warn!(error = %e, "WAL checkpoint at close failed");
+    }
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "closing the database failed");
+    }
+}
+
+/// Applies a batch in one transaction, each write in its own savepoint, and
+/// answers every write with the commit's outcome.
+fn apply_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) {
+    let fail_all = |ops: &mut dyn Iterator<Item = Box<dyn WriteOp>>, msg: &str| {
+        for op in ops {
+            op.finish(Err(StoreError::unavailable(format!(
+                "commit failed: {msg}"
+            ))));
+        }
+    };
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        tracing::error!(error = %e, writes = batch.len(), "store cannot begin a transaction");
+        fail_all(&mut batch.drain(..), &e.to_string());
+        return;
+    }
+    let mut applied: Vec<Box<dyn WriteOp>> = Vec::with_capacity(batch.len());
+    let mut aborted: Option<String> = None;
+    let mut pending = batch.drain(..);
+    for mut op in pending.by_ref() {
+        if let Err(e) = conn.execute_batch("SAVEPOINT w") {
+            aborted = Some(e.to_string());
+            applied.push(op);
+            break;
+        }
+        let ok = op.apply(conn);
+        applied.push(op);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (disk full, I/O error):
+            // nothing in this batch is committed.
+            aborted = Some("the database rolled the transaction back".into());
+            break;
+        }
+        let end = if ok {
+            conn.execute_batch("RELEASE w")
+        } else {
+            conn.execute_batch("ROLLBACK TO w; RELEASE w")
+        };
+        if let Err(e) = end {
+            aborted = Some(e.to_string());
+            break;
+        }
+    }
+    let rest: Vec<_> = pending.collect();
+
+    let outcome = match aborted {
+        Some(msg) => Err(msg),
+        None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+    };
+    match outcome {
+        Ok(()) => applied.into_iter().for_each(|op| op.finish(Ok(()))),
+        Err(msg) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            tracing::error!(error = %msg, writes = applied.len() + rest.len(), "store commit failed");
+            fail_all(&mut applied.into_iter().chain(rest), &msg);
+        }
+    }
+}
+
+fn sweep_expired_dedup(conn: &Connection, now: i64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "DELETE FROM dedup WHERE key IN (
+             SELECT key FROM dedup WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 LIMIT 10000)",
+        [now],
+    )
+}
+
+/// Inside the writer: record one activity (see `Store::record_activity`).
+fn record_in_tx(conn: &Connection, new: &NewActivity) -> rusqlite::Result<Recorded> {
+    let n = &new.notification;
+    let key = n.dedup_key();
+    let window_ms = new.dedup_window.as_millis() as i64;
+    let dedup = key.forever || window_ms > 0;
+
+    if dedup {
+        let expires = (!key.forever).then(|| new.received_ms + window_ms);
+        // Conditional write: claim the key unless a live marker holds it.
+        let claimed = conn
+            .prepare_cached(
+                "INSERT INTO dedup(key, activity_id, expires_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(key) DO UPDATE
+                   SET activity_id = excluded.activity_id, expires_ms = excluded.expires_ms
+                   WHERE dedup.expires_ms IS NOT NULL AND dedup.expires_ms <= ?4",
+            )?
+            .execute(params![key.key, new.activity_id, expires, new.received_ms])?;
+        if claimed == 0 {
+            let original: String = conn
+                .prepare_cached("SELECT activity_id FROM dedup WHERE key = ?1")?
+                .query_row([&key.key], |r| r.get(0))?;
+            let deliveries: i64 = conn
+                .prepare_cached(
+                    "UPDATE activities SET deliveries = deliveries + 1, last_delivery_ms = ?2
+                     WHERE activity_id = ?1 RETURNING deliveries",
+                )?
+                .query_row(params![original, new.received_ms], |r| r.get(0))?;
+            return Ok(Recorded {
+                activity_id: original,
+                duplicate: true,
+                deliveries: deliveries as u64,
+            });
+        }
+    }
+
+    conn.prepare_cached(
+        "INSERT INTO activities(activity_id, order_id, activity_type, description, message_id,
+                                received_ms, request_id, raw, enrichment, deliveries, last_delivery_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?6)",
+    )?
+    .execute(params![
+        new.activity_id,
+        n.order_id.as_ref(),
+        n.activity_type.as_str(),
+        n.description,
+        n.message_id.as_ref().map(AsRef::<str>::as_ref),
+        new.received_ms,
+        new.request_id,
+        n.raw,
+        Enrichment::initial(n).as_str(),
+    ])?;
+
+    if n.needs_enrichment() {
+        conn.prepare_cached(
+            "INSERT INTO jobs(job_id, kind, order_id, message_id, activity_id, state, attempts,
+                              next_attempt_ms, created_ms, updated_ms)
+             VALUES (?1, 'fetch_message', ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
+        )?
+        .execute(params![
+            ulid::Ulid::generate().to_string(),
+            n.order_id.as_ref(),
+            n.message_id.as_ref().map(AsRef::<str>::as_ref),
+            new.activity_id,
+            new.received_ms,
+        ])?;
+    }
+    Ok(Recorded {
+        activity_id: new.activity_id.clone(),
+        duplicate: false,
+        deliveries: 1,
+    })
+}
+
+/// A column held something this program never writes.
+fn corrupt(what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnName(format!("unexpected {what} {value:?} in the database"))
+}
+
+const ACTIVITY_COLUMNS: &str = "seq, activity_id, order_id, activity_type, description, message_id,
+    received_ms, request_id, raw, enrichment, deliveries, last_delivery_ms";
+
+fn activity_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, ActivityRecord)> {
+    let order_id: String = r.get(2)?;
+    let type_s: String = r.get(3)?;
+    let message_id: Option<String> = r.get(5)?;
+    let enrichment_s: String = r.get(9)?;
+    Ok((
+        r.get(0)?,
+        ActivityRecord {
+            activity_id: r.get(1)?,
+            order_id: OrderId::parse(order_id.clone())
+                .map_err(|_| corrupt("order id", &order_id))?,
+            activity_type: ActivityType::parse(&type_s).ok_or_else(|| corrupt("type", &type_s))?,
+            description: r.get(4)?,
+            message_id: message_id
+                .map(|m| MessageId::parse(m.clone()).map_err(|_| corrupt("message id", &m)))
+                .transpose()?,
+            received_ms: r.get(6)?,
+            request_id: r.get(7)?,
+            raw: r.get(8)?,
+            enrichment: Enrichment::parse(&enrichment_s)
+                .ok_or_else(|| corrupt("enrichment", &enrichment_s))?,
+            deliveries: r.get::<_, i64>(10)? as u64,
+            last_delivery_ms: r.get(11)?,
+        },
+    ))
+}
+
+const JOB_COLUMNS: &str = "job_id, kind, order_id, message_id, activity_id, state, attempts,
+    next_attempt_ms, lease_until_ms, last_error, created_ms, updated_ms";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    let order_id: String = r.get(2)?;
+    let message_id: Option<String> = r.get(3)?;
+    let state_s: String = r.get(5)?;
+    Ok(JobRecord {
+        job_id: r.get(0)?,
+        kind: r.get(1)?,
+        order_id: OrderId::parse(order_id.clone()).map_err(|_| corrupt("order id", &order_id))?,
+        message_id: message_id
+            .map(|m| MessageId::parse(m.clone()).map_err(|_| corrupt("message id", &m)))
+            .transpose()?,
+        activity_id: r.get(4)?,
+        state: JobState::parse(&state_s).ok_or_else(|| corrupt("job state", &state_s))?,
+        attempts: r.get::<_, i64>(6)? as u32,
+        next_attempt_ms: r.get(7)?,
+        lease_until_ms: r.get(8)?,
+        last_error: r.get(9)?,
+        created_ms: r.get(10)?,
+        updated_ms: r.get(11)?,
+    })
+}
+
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
+    let order_id: String = r.get(0)?;
+    let message_id: String = r.get(1)?;
+    let attachments: String = r.get(7)?;
+    Ok(MessageRecord {
+        order_id: OrderId::parse(order_id.clone()).map_err(|_| corrupt("order id", &order_id))?,
+        message_id: MessageId::parse(message_id.clone())
+            .map_err(|_| corrupt("message id", &message_id))?,
+        order_number: r.get(2)?,
+        from_name: r.get(3)?,
+        text: r.get(4)?,
+        created_date: r.get(5)?,
+        read: r.get(6)?,
+        attachments: serde_json::from_str(&attachments)
+            .map_err(|_| corrupt("attachments", &attachments))?,
+        stored_ms: r.get(8)?,
+    })
+}
+
+fn parse_seq_cursor(cursor: Option<&str>) -> Result<i64, StoreError> {
+    match cursor {
+        None => Ok(i64::MAX),
+        Some(c) => c
+            .strip_prefix("s")
+            .and_then(|n| n.parse::<i64>().ok())
+            .filter(|n| *n > 0)
+            .ok_or(StoreError::InvalidCursor),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn record_activity(&self, new: NewActivity) -> Result<Recorded, StoreError> {
+        self.write(move |conn| record_in_tx(conn, &new)).await
+    }
+
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), StoreError> {
+        let max = self.quarantine_max as i64;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO quarantine(received_ms, request_id, reason, body) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![entry.received_ms, entry.request_id, entry.reason, entry.body])?;
+            conn.prepare_cached(
+                "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?1",
+            )?
+            .execute([max])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn order_activities(
+        &self,
+        order_id: &OrderId,
+    ) -> Result<Vec<ActivityRecord>, StoreError> {
+        let order_id = order_id.clone();
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {ACTIVITY_COLUMNS} FROM activities WHERE order_id = ?1 ORDER BY seq"
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+            let rows = stmt
+                .query_map([order_id.as_ref()], activity_from_row)
+                .map_err(unavailable)?;
+            rows.map(|r| r.map(|(_, a)| a).map_err(unavailable))
+                .collect()
+        })
+        .await
+    }
+
+    async fn recent_activities(
+        &self,
+        query: ActivityQuery,
+    ) -> Result<Page<ActivityRecord>, StoreError> {
+        let before = parse_seq_cursor(query.cursor.as_deref())?;
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {ACTIVITY_COLUMNS} FROM activities
+                 WHERE seq < ?1 AND (?2 IS NULL OR activity_type = ?2) AND received_ms >= ?3
+                 ORDER BY seq DESC LIMIT ?4"
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+            let limit = query.limit.max(1) as i64;
+            let rows = stmt
+                .query_map(
+                    params![
+                        before,
+                        query.activity_type.map(ActivityType::as_str),
+                        query.since_ms.unwrap_or(i64::MIN),
+                        limit + 1
+                    ],
+                    activity_from_row,
+                )
+                .map_err(unavailable)?;
+            let mut items = rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
+            let next_cursor = if items.len() as i64 > limit {
+                items.truncate(limit as usize);
+                items.last().map(|(seq, _)| format!("s{seq}"))
+            } else {
+                None
+            };
+            Ok(Page {
+                items: items.into_iter().map(|(_, a)| a).collect(),
+                next_cursor,
+            })
+        })
+        .await
+    }
+
+    async fn order_messages(&self, order_id: &OrderId) -> Result<Vec<MessageRecord>, StoreError> {
+        let order_id = order_id.clone();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT order_id, message_id, order_number, from_name, text, created_date,
+                            read, attachments, stored_ms
+                     FROM messages WHERE order_id = ?1 ORDER BY message_id",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([order_id.as_ref()], message_from_row)
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn list_jobs(
+        &self,
+        state: JobState,
+        limit: u32,
+        cursor: Option<String>,
+    ) -> Result<Page<JobRecord>, StoreError> {
+        let after = match cursor {
+            None => String::new(),
+            Some(c) => c
+                .strip_prefix("j")
+                .filter(|id| ulid::Ulid::from_string(id).is_ok())
+                .map(str::to_owned)
+                .ok_or(StoreError::InvalidCursor)?,
+        };
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE state = ?1 AND job_id > ?2
+                 ORDER BY job_id LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+            let limit = limit.max(1) as i64;
+            let rows = stmt
+                .query_map(params![state.as_str(), after, limit + 1], job_from_row)
+                .map_err(unavailable)?;
+            let mut items = rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)?;
+            let next_cursor = if items.len() as i64 > limit {
+                items.truncate(limit as usize);
+                items.last().map(|j| format!("j{}", j.job_id))
+            } else {
+                None
+            };
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn quarantined(&self, limit: u32) -> Result<Vec<QuarantineEntry>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT received_ms, request_id, reason, body FROM quarantine
+                     ORDER BY id DESC LIMIT ?1",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map([limit as i64], |r| {
+                    Ok(QuarantineEntry {
+                        received_ms: r.get(0)?,
+                        request_id: r.get(1)?,
+                        reason: r.get(2)?,
+                        body: r.get(3)?,
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // The writer answers only if it is alive and can open a transaction;
+        // a read checks the file.
+        self.write(|conn| {
+            conn.prepare_cached("SELECT 1")?.query_row([], |_| Ok(()))?;
+            Ok(())
+        })
+        .await?;
+        self.read(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM meta", [], |_| Ok(()))
+                .optional()
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let sender = self.writes.lock().ok().and_then(|mut s| s.take());
+        drop(sender);
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        if let Ok(mut readers) = self.readers.lock() {
+            readers.clear();
+        }
+    }
+}
