@@ -1,0 +1,185 @@
+//! Spawning the real application and talking to it over HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use qualia_webhook::activity::ActivityType;
+use qualia_webhook::config::{Settings, StoreLocation};
+use qualia_webhook::startup::Application;
+use qualia_webhook::store::Store;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const USER: &str = "qualia-test";
+pub const PASSWORD: &str = "correct-horse-battery-staple";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub store: Arc<dyn Store>,
+    pub settings: Settings,
+    pub dir: Arc<TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+pub fn db_location(dir: &TempDir) -> StoreLocation {
+    StoreLocation::Sqlite {
+        path: dir.path().join("data").join("test.db"),
+    }
+}
+
+pub fn test_settings(dir: &TempDir) -> Settings {
+    Settings::new(USER, PASSWORD, db_location(dir))
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+    let mut settings = test_settings(&dir);
+    adjust(&mut settings);
+    spawn_on(settings, dir).await
+}
+
+/// Starts the application with these settings; `dir` is kept alive with it.
+pub async fn spawn_on(settings: Settings, dir: Arc<TempDir>) -> TestApp {
+    let app = Application::build(&settings)
+        .await
+        .expect("application builds");
+    spawn_built(app, settings, dir)
+}
+
+pub fn spawn_built(app: Application, settings: Settings, dir: Arc<TempDir>) -> TestApp {
+    let addr = app.local_addr();
+    let store = app.store();
+    let (tx, rx) = oneshot::channel();
+    let handle = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        client: reqwest::Client::new(),
+        store,
+        settings,
+        dir,
+        shutdown: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Posts a notification with the right credentials and content type.
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/webhook/activity"))
+            .basic_auth(USER, Some(PASSWORD))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Posts, expects 200, returns the answer.
+    pub async fn post_ok(&self, body: &Value) -> Value {
+        let res = self.post(body).await;
+        assert_eq!(res.status(), 200, "posting {body}");
+        res.json().await.expect("JSON answer")
+    }
+
+    /// GET with the read credentials; expects 200 and returns the JSON answer.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let res = self
+            .client
+            .get(self.url(path))
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(res.status(), 200, "GET {path}");
+        res.json().await.expect("JSON answer")
+    }
+
+    pub async fn timeline(&self, order_id: &str) -> Vec<Value> {
+        let v = self
+            .get_json(&format!("/orders/{order_id}/activities"))
+            .await;
+        v["activities"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Stops gracefully (in-flight requests finish, the store closes) and
+    /// hands back the folder holding the store.
+    pub async fn stop(mut self) -> (Settings, Arc<TempDir>) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+        (self.settings.clone(), Arc::clone(&self.dir))
+    }
+}
+
+/// A fresh id in Qualia's style (17 alphanumerics).
+pub fn new_id() -> String {
+    let u = ulid::Ulid::generate().to_string();
+    u[u.len() - 17..].to_owned()
+}
+
+/// The sample notification of each type, as documented by Qualia, for a
+/// given order.
+pub fn sample(t: ActivityType, order_id: &str) -> Value {
+    let description = match t {
+        ActivityType::OrderRequest => {
+            "You've received an order for a Title Search Plus in San Francisco County, California."
+        }
+        ActivityType::OrderCancelled => "Boston Legal has cancelled order #TEST-2018-1.",
+        ActivityType::OrderCompleted => "Boston Legal has accepted order #TEST-2018-1.",
+        ActivityType::OrderRevisionRequested => {
+            "Boston Legal has requested a change on order #TEST-2018-1."
+        }
+        ActivityType::Message => "Marty McFly sent you a message.",
+        ActivityType::Documents => {
+            "Boston Legal has sent you additional documents on order #TEST-2018-1"
+        }
+    };
+    let mut v = json!({ "description": description, "type": t.as_str(), "order_id": order_id });
+    if t == ActivityType::Message {
+        v["message_id"] = json!(new_id());
+    }
+    v
+}
+
+/// `Basic base64(user:password)`.
+pub fn base64_basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// Sends raw bytes over one connection and returns everything answered
+/// until the server closes it (or 10 s pass).
+pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut out),
+    )
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,400 @@
+//! The store contract: every behaviour of the `Store` trait, run against each
+//! backend through the same functions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qualia_webhook::activity::{ActivityType, Notification, OrderId};
+use qualia_webhook::store::{
+    self, ActivityQuery, Enrichment, JobState, NewActivity, QuarantineEntry, Store, StoreError,
+};
+use serde_json::json;
+
+use crate::helpers::new_id;
+
+/// A store of one backend, and what keeps it alive.
+pub struct Handle {
+    pub store: Arc<dyn Store>,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn sqlite() -> Handle {
+    let dir = tempfile::tempdir().unwrap();
+    let location = crate::helpers::db_location(&dir);
+    let store = store::open(&location, 5).await.unwrap();
+    Handle { store, _dir: dir }
+}
+
+fn notification(
+    t: ActivityType,
+    order: &str,
+    description: &str,
+    message_id: Option<&str>,
+) -> Notification {
+    let mut v = json!({"type": t.as_str(), "order_id": order, "description": description});
+    if let Some(m) = message_id {
+        v["message_id"] = json!(m);
+    }
+    Notification::parse(v.to_string().as_bytes()).unwrap()
+}
+
+fn new_activity(n: Notification, received_ms: i64, window: Duration) -> NewActivity {
+    NewActivity {
+        activity_id: ulid::Ulid::generate().to_string(),
+        notification: n,
+        received_ms,
+        request_id: "req".into(),
+        dedup_window: window,
+    }
+}
+
+const WINDOW: Duration = Duration::from_secs(600);
+
+pub async fn records_and_reads_back_in_arrival_order(s: Arc<dyn Store>) {
+    let order = new_id();
+    let now = store::now_ms();
+    let mut ids = Vec::new();
+    for (i, t) in ActivityType::ALL.into_iter().enumerate() {
+        let msg = (t == ActivityType::Message).then(new_id);
+        let n = notification(t, &order, &format!("d{i}"), msg.as_deref());
+        let r = s
+            .record_activity(new_activity(n, now + i as i64, WINDOW))
+            .await
+            .unwrap();
+        assert!(!r.duplicate);
+        assert_eq!(r.deliveries, 1);
+        ids.push(r.activity_id);
+    }
+    let got = s
+        .order_activities(&OrderId::parse(order.clone()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|a| a.activity_id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(got[4].activity_type, ActivityType::Message);
+    assert_eq!(got[4].enrichment, Enrichment::Pending);
+    assert_eq!(got[0].enrichment, Enrichment::NotApplicable);
+    assert_eq!(got[0].description, "d0");
+    assert_eq!(got[0].received_ms, now);
+    let other = s
+        .order_activities(&OrderId::parse(new_id()).unwrap())
+        .await
+        .unwrap();
+    assert!(other.is_empty());
+}
+
+pub async fn message_dedup_lasts_forever(s: Arc<dyn Store>) {
+    let order = new_id();
+    let msg = new_id();
+    let n = notification(ActivityType::Message, &order, "a", Some(&msg));
+    let first = s
+        .record_activity(new_activity(n.clone(), 1_000, WINDOW))
+        .await
+        .unwrap();
+    // Years later, with a zero window, still the same message.
+    let later = 1_000 + 86_400_000 * 1000;
+    let second = s
+        .record_activity(new_activity(n, later, Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(second.duplicate);
+    assert_eq!(second.activity_id, first.activity_id);
+    assert_eq!(second.deliveries, 2);
+    let got = s
+        .order_activities(&OrderId::parse(order).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].deliveries, 2);
+    assert_eq!(got[0].last_delivery_ms, later);
+}
+
+pub async fn other_dedup_holds_inside_the_window_only(s: Arc<dyn Store>) {
+    let order = new_id();
+    let n = notification(ActivityType::OrderCancelled, &order, "cancelled", None);
+    let t0 = store::now_ms();
+    let a = s
+        .record_activity(new_activity(n.clone(), t0, WINDOW))
+        .await
+        .unwrap();
+    let b = s
+        .record_activity(new_activity(n.clone(), t0 + 599_999, WINDOW))
+        .await
+        .unwrap();
+    assert!(b.duplicate);
+    assert_eq!(b.activity_id, a.activity_id);
+    let c = s
+        .record_activity(new_activity(n.clone(), t0 + 600_000, WINDOW))
+        .await
+        .unwrap();
+    assert!(!c.duplicate, "the window is over");
+    // The new activity opens a new window.
+    let d = s
+        .record_activity(new_activity(n, t0 + 600_001, WINDOW))
+        .await
+        .unwrap();
+    assert!(d.duplicate);
+    assert_eq!(d.activity_id, c.activity_id);
+    // Another description is another notification.
+    let e = notification(ActivityType::OrderCancelled, &order, "other", None);
+    assert!(
+        !s.record_activity(new_activity(e, t0, WINDOW))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    assert_eq!(
+        s.order_activities(&OrderId::parse(order).unwrap())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+pub async fn a_zero_window_stores_every_delivery(s: Arc<dyn Store>) {
+    let order = new_id();
+    let n = notification(ActivityType::Documents, &order, "docs", None);
+    for _ in 0..3 {
+        let r = s
+            .record_activity(new_activity(n.clone(), 5, Duration::ZERO))
+            .await
+            .unwrap();
+        assert!(!r.duplicate);
+    }
+    assert_eq!(
+        s.order_activities(&OrderId::parse(order).unwrap())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+pub async fn jobs_are_created_with_message_activities_only(s: Arc<dyn Store>) {
+    let order = new_id();
+    let msg = new_id();
+    let before = s
+        .list_jobs(JobState::Pending, 500, None)
+        .await
+        .unwrap()
+        .items
+        .len();
+    let n = notification(ActivityType::Message, &order, "m", Some(&msg));
+    let r = s
+        .record_activity(new_activity(n.clone(), 10, WINDOW))
+        .await
+        .unwrap();
+    s.record_activity(new_activity(n, 11, WINDOW))
+        .await
+        .unwrap(); // redelivery
+    let skipped = notification(ActivityType::Message, &order, "no id", None);
+    s.record_activity(new_activity(skipped, 12, WINDOW))
+        .await
+        .unwrap();
+    let docs = notification(ActivityType::Documents, &order, "docs", None);
+    s.record_activity(new_activity(docs, 13, WINDOW))
+        .await
+        .unwrap();
+
+    let jobs = s
+        .list_jobs(JobState::Pending, 500, None)
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(jobs.len(), before + 1);
+    let job = jobs.iter().find(|j| j.order_id.as_ref() == order).unwrap();
+    assert_eq!(job.kind, "fetch_message");
+    assert_eq!(job.message_id.as_ref().map(|m| m.to_string()), Some(msg));
+    assert_eq!(job.activity_id, r.activity_id);
+    assert_eq!(job.state, JobState::Pending);
+    assert_eq!(job.attempts, 0);
+    assert!(job.lease_until_ms.is_none());
+    assert!(
+        s.list_jobs(JobState::Dead, 10, None)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+pub async fn job_listing_pages(s: Arc<dyn Store>) {
+    let order = new_id();
+    for i in 0..5 {
+        let n = notification(
+            ActivityType::Message,
+            &order,
+            "m",
+            Some(&format!("{}{i}", new_id())),
+        );
+        s.record_activity(new_activity(n, i, WINDOW)).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s.list_jobs(JobState::Pending, 2, cursor).await.unwrap();
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.into_iter().map(|j| j.job_id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 5);
+}
+
+pub async fn recent_activities_page_and_filter(s: Arc<dyn Store>) {
+    let order = new_id();
+    let base = 1_700_000_000_000;
+    for i in 0..9 {
+        let t = if i < 3 {
+            ActivityType::OrderRequest
+        } else {
+            ActivityType::Documents
+        };
+        let n = notification(t, &order, &format!("e{i}"), None);
+        s.record_activity(new_activity(n, base + i, WINDOW))
+            .await
+            .unwrap();
+    }
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .recent_activities(ActivityQuery {
+                limit: 4,
+                cursor,
+                since_ms: Some(base),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        all.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let descriptions: Vec<_> = all.iter().map(|a| a.description.clone()).collect();
+    assert_eq!(
+        descriptions,
+        (0..9).rev().map(|i| format!("e{i}")).collect::<Vec<_>>()
+    );
+
+    let requests = s
+        .recent_activities(ActivityQuery {
+            activity_type: Some(ActivityType::OrderRequest),
+            since_ms: Some(base),
+            limit: 100,
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(requests.items.len(), 3);
+    assert!(requests.next_cursor.is_none());
+    let since = s
+        .recent_activities(ActivityQuery {
+            since_ms: Some(base + 7),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(since.items.len(), 2);
+    let bad = s
+        .recent_activities(ActivityQuery {
+            limit: 1,
+            cursor: Some("bogus".into()),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(bad, Err(StoreError::InvalidCursor)));
+}
+
+pub async fn quarantine_is_bounded_newest_first(s: Arc<dyn Store>) {
+    // The contract stores are opened with a bound of 5.
+    for i in 0..8u8 {
+        s.quarantine(QuarantineEntry {
+            received_ms: i as i64,
+            request_id: format!("r{i}"),
+            reason: "invalid_json".into(),
+            body: vec![i],
+        })
+        .await
+        .unwrap();
+    }
+    let kept = s.quarantined(100).await.unwrap();
+    assert_eq!(kept.len(), 5);
+    assert_eq!(kept[0].body, vec![7]);
+    assert_eq!(kept[4].body, vec![3]);
+    assert_eq!(kept[0].request_id, "r7");
+}
+
+pub async fn concurrent_records_are_all_kept_once(s: Arc<dyn Store>) {
+    let order = new_id();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let s = Arc::clone(&s);
+        let order = order.clone();
+        tasks.spawn(async move {
+            // Every notification is sent twice, concurrently.
+            let n = notification(
+                ActivityType::Documents,
+                &order,
+                &format!("c{}", i / 2),
+                None,
+            );
+            s.record_activity(new_activity(n, 1, WINDOW)).await.unwrap()
+        });
+    }
+    let results = tasks.join_all().await;
+    assert_eq!(results.iter().filter(|r| !r.duplicate).count(), 150);
+    assert_eq!(results.iter().filter(|r| r.duplicate).count(), 150);
+    let stored = s
+        .order_activities(&OrderId::parse(order).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 150);
+    assert!(stored.iter().all(|a| a.deliveries == 2));
+}
+
+pub async fn ping_answers(s: Arc<dyn Store>) {
+    s.ping().await.unwrap();
+}
+
+macro_rules! contract {
+    ($backend:ident: $($case:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let h = super::$backend().await;
+                    super::$case(h.store.clone()).await;
+                    h.store.close().await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(sqlite:
+    records_and_reads_back_in_arrival_order,
+    message_dedup_lasts_forever,
+    other_dedup_holds_inside_the_window_only,
+    a_zero_window_stores_every_delivery,
+    jobs_are_created_with_message_activities_only,
+    job_listing_pages,
+    recent_activities_page_and_filter,
+    quarantine_is_bounded_newest_first,
+    concurrent_records_are_all_kept_once,
+    ping_answers,
+);
