@@ -84,6 +84,252 @@ fn parse_table_name(s: &str) -> Result<String, String> {
     }
 }
 
+/// Credentials of the Qualia API.
+#[derive(Debug, Clone)]
+pub struct QualiaCredentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QualiaEnvironment {
+    Sandbox,
+    Production,
+}
+
+/// How to reach Qualia's GraphQL API.
+#[derive(Debug, Clone)]
+pub struct QualiaSettings {
+    pub environment: QualiaEnvironment,
+    pub url: String,
+    /// `None`: no credentials, so no enrichment (jobs wait).
+    pub credentials: Option<QualiaCredentials>,
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_QUALIA_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl QualiaSettings {
+    fn load(args: &QualiaArgs, defaulted: &mut Vec<&'static str>) -> Result<Self, ConfigError> {
+        let environment = match non_empty(&args.qualia_environment)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None => {
+                defaulted.push("QUALIA_ENVIRONMENT");
+                QualiaEnvironment::Sandbox
+            }
+            Some("sandbox") => QualiaEnvironment::Sandbox,
+            Some("production") => QualiaEnvironment::Production,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "QUALIA_ENVIRONMENT",
+                    format!("{other:?} is not sandbox or production"),
+                ));
+            }
+        };
+        let url = match non_empty(&args.qualia_api_url) {
+            Some(u) => {
+                let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                    && reqwest::Url::parse(u).is_ok();
+                if !ok {
+                    return Err(ConfigError::new(
+                        "QUALIA_API_URL",
+                        format!("{u:?} is not an http(s) URL"),
+                    ));
+                }
+                u.to_owned()
+            }
+            None => match environment {
+                QualiaEnvironment::Sandbox => crate::qualia::SANDBOX_URL.to_owned(),
+                QualiaEnvironment::Production => crate::qualia::PRODUCTION_URL.to_owned(),
+            },
+        };
+        let credentials = match (
+            non_empty(&args.qualia_api_username),
+            non_empty(&args.qualia_api_password),
+            non_empty(&args.qualia_api_token),
+        ) {
+            (Some(u), Some(p), _) => Some(QualiaCredentials {
+                username: u.to_owned(),
+                password: Secret::new(p),
+            }),
+            (Some(_), None, _) => {
+                return Err(ConfigError::new(
+                    "QUALIA_API_PASSWORD",
+                    "is not set, but QUALIA_API_USERNAME is",
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(ConfigError::new(
+                    "QUALIA_API_USERNAME",
+                    "is not set, but QUALIA_API_PASSWORD is",
+                ));
+            }
+            (None, None, Some(token)) => Some(parse_token(token)?),
+            (None, None, None) => None,
+        };
+        let timeout = duration_setting(
+            &args.qualia_timeout,
+            "QUALIA_TIMEOUT",
+            DEFAULT_QUALIA_TIMEOUT,
+            defaulted,
+        )?;
+        if timeout.is_zero() {
+            return Err(ConfigError::new("QUALIA_TIMEOUT", "must be more than 0"));
+        }
+        Ok(QualiaSettings {
+            environment,
+            url,
+            credentials,
+            timeout,
+        })
+    }
+}
+
+/// `QUALIA_API_TOKEN`: base64 of `user:password`, as in the original service.
+fn parse_token(token: &str) -> Result<QualiaCredentials, ConfigError> {
+    use base64::Engine;
+    let bad = || ConfigError::new("QUALIA_API_TOKEN", "is not base64 of username:password");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (u, p) = text.split_once(':').ok_or_else(bad)?;
+    if u.is_empty() || p.is_empty() {
+        return Err(bad());
+    }
+    Ok(QualiaCredentials {
+        username: u.to_owned(),
+        password: Secret::new(p),
+    })
+}
+
+/// How the enrichment worker paces itself.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Whether this process runs the worker (`serve --no-worker` turns it off).
+    pub enabled: bool,
+    pub batch_size: u32,
+    pub batch_window: Duration,
+    pub poll_interval: Duration,
+    pub lease: Duration,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            enabled: true,
+            batch_size: 500,
+            batch_window: Duration::from_millis(200),
+            poll_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(120),
+            retry_base: Duration::from_secs(1),
+            retry_cap: Duration::from_secs(300),
+            max_attempts: 12,
+        }
+    }
+}
+
+fn duration_setting(
+    v: &Option<String>,
+    name: &'static str,
+    default: Duration,
+    defaulted: &mut Vec<&'static str>,
+) -> Result<Duration, ConfigError> {
+    match non_empty(v) {
+        None => {
+            defaulted.push(name);
+            Ok(default)
+        }
+        Some(s) => parse_duration(s).map_err(|e| ConfigError::new(name, format!("{s:?}: {e}"))),
+    }
+}
+
+fn count_setting(
+    v: &Option<String>,
+    name: &'static str,
+    default: u32,
+    range: std::ops::RangeInclusive<u32>,
+    defaulted: &mut Vec<&'static str>,
+) -> Result<u32, ConfigError> {
+    match non_empty(v) {
+        None => {
+            defaulted.push(name);
+            Ok(default)
+        }
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    name,
+                    format!(
+                        "{s:?} is not a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }),
+    }
+}
+
+impl WorkerSettings {
+    fn load(args: &WorkerArgs, defaulted: &mut Vec<&'static str>) -> Result<Self, ConfigError> {
+        let d = WorkerSettings::default();
+        let w = WorkerSettings {
+            enabled: true,
+            batch_size: count_setting(
+                &args.worker_batch_size,
+                "WORKER_BATCH_SIZE",
+                d.batch_size,
+                1..=10_000,
+                defaulted,
+            )?,
+            batch_window: duration_setting(
+                &args.worker_batch_window,
+                "WORKER_BATCH_WINDOW",
+                d.batch_window,
+                defaulted,
+            )?,
+            poll_interval: duration_setting(
+                &args.worker_poll_interval,
+                "WORKER_POLL_INTERVAL",
+                d.poll_interval,
+                defaulted,
+            )?,
+            lease: duration_setting(&args.job_lease, "JOB_LEASE", d.lease, defaulted)?,
+            retry_base: duration_setting(&args.retry_base, "RETRY_BASE", d.retry_base, defaulted)?,
+            retry_cap: duration_setting(&args.retry_cap, "RETRY_CAP", d.retry_cap, defaulted)?,
+            max_attempts: count_setting(
+                &args.retry_max_attempts,
+                "RETRY_MAX_ATTEMPTS",
+                d.max_attempts,
+                1..=1000,
+                defaulted,
+            )?,
+        };
+        if w.poll_interval.is_zero() {
+            return Err(ConfigError::new(
+                "WORKER_POLL_INTERVAL",
+                "must be more than 0",
+            ));
+        }
+        if w.retry_base.is_zero() || w.retry_cap < w.retry_base {
+            return Err(ConfigError::new(
+                "RETRY_CAP",
+                "RETRY_BASE must be more than 0 and RETRY_CAP at least RETRY_BASE",
+            ));
+        }
+        Ok(w)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -95,6 +341,97 @@ pub const DEFAULT_STORE: &str = "sqlite://./data/qualia-webhook.db";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(600);
 pub const DEFAULT_QUARANTINE_MAX: u64 = 10_000;
+
+/// Where the records are, as given.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StoreArgs {
+    /// Where to keep records: sqlite://PATH or dynamodb://TABLE
+    /// [default: sqlite://./data/qualia-webhook.db].
+    #[arg(long, env = "STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// DynamoDB table (the original service's setting); selects DynamoDB when
+    /// STORE is not set.
+    #[arg(long, env = "DYNAMODB_TABLE", value_name = "TABLE")]
+    pub dynamodb_table: Option<String>,
+}
+
+impl StoreArgs {
+    /// The store location; the second value is true when it was defaulted.
+    pub fn location(&self) -> Result<(StoreLocation, bool), ConfigError> {
+        match (non_empty(&self.store), non_empty(&self.dynamodb_table)) {
+            (Some(s), _) => StoreLocation::parse(s)
+                .map(|l| (l, false))
+                .map_err(|e| ConfigError::new("STORE", format!("{s:?}: {e}"))),
+            (None, Some(table)) => parse_table_name(table)
+                .map(|table| (StoreLocation::DynamoDb { table }, false))
+                .map_err(|e| ConfigError::new("DYNAMODB_TABLE", format!("{table:?}: {e}"))),
+            (None, None) => StoreLocation::parse(DEFAULT_STORE)
+                .map(|l| (l, true))
+                .map_err(|e| ConfigError::new("STORE", e)),
+        }
+    }
+}
+
+/// Qualia API settings, as given.
+#[derive(Debug, Clone, Default, Args)]
+pub struct QualiaArgs {
+    /// Which Qualia endpoint: sandbox or production [default: sandbox].
+    #[arg(long, env = "QUALIA_ENVIRONMENT", value_name = "ENV")]
+    pub qualia_environment: Option<String>,
+    /// Qualia GraphQL URL, overriding QUALIA_ENVIRONMENT (a local stand-in, a proxy).
+    #[arg(long, env = "QUALIA_API_URL", value_name = "URL")]
+    pub qualia_api_url: Option<String>,
+    /// Qualia API username.
+    #[arg(long, env = "QUALIA_API_USERNAME", value_name = "NAME")]
+    pub qualia_api_username: Option<String>,
+    /// Qualia API password (prefer the environment).
+    #[arg(
+        long,
+        env = "QUALIA_API_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub qualia_api_password: Option<String>,
+    /// Qualia API credentials as base64 of user:password (the original
+    /// service's setting), instead of the username and password.
+    #[arg(
+        long,
+        env = "QUALIA_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub qualia_api_token: Option<String>,
+    /// Timeout of one call to Qualia [default: 10s].
+    #[arg(long, env = "QUALIA_TIMEOUT", value_name = "DURATION")]
+    pub qualia_timeout: Option<String>,
+}
+
+/// Enrichment worker settings, as given.
+#[derive(Debug, Clone, Default, Args)]
+pub struct WorkerArgs {
+    /// Most jobs completed by one `messages` call [default: 500].
+    #[arg(long, env = "WORKER_BATCH_SIZE", value_name = "COUNT")]
+    pub worker_batch_size: Option<String>,
+    /// How long the worker gathers new jobs before calling Qualia [default: 200ms].
+    #[arg(long, env = "WORKER_BATCH_WINDOW", value_name = "DURATION")]
+    pub worker_batch_window: Option<String>,
+    /// How often an idle worker looks for due jobs [default: 1s].
+    #[arg(long, env = "WORKER_POLL_INTERVAL", value_name = "DURATION")]
+    pub worker_poll_interval: Option<String>,
+    /// How long a claimed job stays with its worker before another may take
+    /// it [default: 2m]; must be longer than QUALIA_TIMEOUT.
+    #[arg(long, env = "JOB_LEASE", value_name = "DURATION")]
+    pub job_lease: Option<String>,
+    /// First retry delay [default: 1s].
+    #[arg(long, env = "RETRY_BASE", value_name = "DURATION")]
+    pub retry_base: Option<String>,
+    /// Longest retry delay [default: 5m].
+    #[arg(long, env = "RETRY_CAP", value_name = "DURATION")]
+    pub retry_cap: Option<String>,
+    /// Attempts before a job whose message never appears goes dead [default: 12].
+    #[arg(long, env = "RETRY_MAX_ATTEMPTS", value_name = "COUNT")]
+    pub retry_max_attempts: Option<String>,
+}
 
 /// The settings as given (flags or environment). Everything is a string here
 /// so that `Settings::load` can name the setting in a one-line error.
@@ -133,14 +470,8 @@ pub struct SettingsArgs {
         value_name = "PASSWORD"
     )]
     pub api_password: Option<String>,
-    /// Where to keep records: sqlite://PATH or dynamodb://TABLE
-    /// [default: sqlite://./data/qualia-webhook.db].
-    #[arg(long, env = "STORE", value_name = "URL")]
-    pub store: Option<String>,
-    /// DynamoDB table (the original service's setting); selects DynamoDB when
-    /// STORE is not set.
-    #[arg(long, env = "DYNAMODB_TABLE", value_name = "TABLE")]
-    pub dynamodb_table: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Largest accepted notification body, in bytes [default: 65536].
     #[arg(long, env = "MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<String>,
@@ -155,6 +486,10 @@ pub struct SettingsArgs {
     /// Log format: json or pretty [default: json]; the level comes from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    #[command(flatten)]
+    pub qualia: QualiaArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
 }
 
 /// A setting that is missing or malformed. Its `Display` is the one line
@@ -186,6 +521,8 @@ pub struct Settings {
     pub dedup_window: Duration,
     pub quarantine_max: u64,
     pub log_format: LogFormat,
+    pub qualia: QualiaSettings,
+    pub worker: WorkerSettings,
     /// Names of the settings that were not given and took their default.
     pub defaulted: Vec<&'static str>,
 }
@@ -287,18 +624,10 @@ impl Settings {
             }
         };
 
-        let store = match (non_empty(&args.store), non_empty(&args.dynamodb_table)) {
-            (Some(s), _) => StoreLocation::parse(s)
-                .map_err(|e| ConfigError::new("STORE", format!("{s:?}: {e}")))?,
-            (None, Some(table)) => StoreLocation::DynamoDb {
-                table: parse_table_name(table)
-                    .map_err(|e| ConfigError::new("DYNAMODB_TABLE", format!("{table:?}: {e}")))?,
-            },
-            (None, None) => {
-                defaulted.push("STORE");
-                StoreLocation::parse(DEFAULT_STORE).map_err(|e| ConfigError::new("STORE", e))?
-            }
-        };
+        let (store, store_defaulted) = args.store.location()?;
+        if store_defaulted {
+            defaulted.push("STORE");
+        }
 
         let max_body_bytes = match non_empty(&args.max_body_bytes) {
             None => {
@@ -353,6 +682,20 @@ impl Settings {
             }
         };
 
+        let qualia = QualiaSettings::load(&args.qualia, &mut defaulted)?;
+        let worker = WorkerSettings::load(&args.worker, &mut defaulted)?;
+        if worker.lease <= qualia.timeout + Duration::from_secs(5) {
+            return Err(ConfigError::new(
+                "JOB_LEASE",
+                format!(
+                    "{} must be longer than QUALIA_TIMEOUT ({}) plus 5s, or a slow call could \
+                     let a second worker take the same jobs",
+                    humantime::format_duration(worker.lease),
+                    humantime::format_duration(qualia.timeout)
+                ),
+            ));
+        }
+
         Ok(Settings {
             bind,
             webhook,
@@ -362,6 +705,8 @@ impl Settings {
             dedup_window,
             quarantine_max,
             log_format,
+            qualia,
+            worker,
             defaulted,
         })
     }
@@ -383,6 +728,13 @@ impl Settings {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             quarantine_max: DEFAULT_QUARANTINE_MAX,
             log_format: LogFormat::Json,
+            qualia: QualiaSettings {
+                environment: QualiaEnvironment::Sandbox,
+                url: crate::qualia::SANDBOX_URL.to_owned(),
+                credentials: None,
+                timeout: DEFAULT_QUALIA_TIMEOUT,
+            },
+            worker: WorkerSettings::default(),
             defaulted: Vec::new(),
         }
     }
@@ -431,7 +783,7 @@ mod tests {
         a.bind = Some("nowhere".into());
         assert_eq!(Settings::load(&a).unwrap_err().name, "BIND");
         let mut a = base();
-        a.store = Some("postgres://x".into());
+        a.store.store = Some("postgres://x".into());
         assert_eq!(Settings::load(&a).unwrap_err().name, "STORE");
         let mut a = base();
         a.api_username = Some("reader".into());
@@ -441,13 +793,52 @@ mod tests {
     #[test]
     fn dynamodb_table_selects_dynamodb() {
         let mut a = base();
-        a.dynamodb_table = Some("qualia-activities".into());
+        a.store.dynamodb_table = Some("qualia-activities".into());
         assert_eq!(
             Settings::load(&a).unwrap().store,
             StoreLocation::DynamoDb {
                 table: "qualia-activities".into()
             }
         );
+    }
+
+    #[test]
+    fn qualia_credentials_from_a_token_or_a_pair() {
+        let mut a = base();
+        // base64("vendor:pa:ss")
+        a.qualia.qualia_api_token = Some("dmVuZG9yOnBhOnNz".into());
+        let s = Settings::load(&a).unwrap();
+        let c = s.qualia.credentials.unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.expose()),
+            ("vendor", "pa:ss")
+        );
+        assert_eq!(s.qualia.url, crate::qualia::SANDBOX_URL);
+
+        a.qualia.qualia_api_token = Some("not base64!".into());
+        assert_eq!(Settings::load(&a).unwrap_err().name, "QUALIA_API_TOKEN");
+
+        let mut a = base();
+        a.qualia.qualia_environment = Some("production".into());
+        a.qualia.qualia_api_username = Some("u".into());
+        assert_eq!(Settings::load(&a).unwrap_err().name, "QUALIA_API_PASSWORD");
+        a.qualia.qualia_api_password = Some("p".into());
+        let s = Settings::load(&a).unwrap();
+        assert_eq!(s.qualia.url, crate::qualia::PRODUCTION_URL);
+        assert!(
+            Settings::load(&base())
+                .unwrap()
+                .qualia
+                .credentials
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_qualia_timeout_is_refused() {
+        let mut a = base();
+        a.worker.job_lease = Some("5s".into());
+        assert_eq!(Settings::load(&a).unwrap_err().name, "JOB_LEASE");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 pub mod activity;
 pub mod config;
 pub mod http;
+pub mod qualia;
+pub mod standin;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod worker;

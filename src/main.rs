@@ -2,14 +2,17 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use qualia_webhook::config::{Settings, SettingsArgs};
-use qualia_webhook::startup::{Application, shutdown_signal};
+use qualia_webhook::config::{Settings, SettingsArgs, StoreArgs};
+use qualia_webhook::http::error::chain;
+use qualia_webhook::startup::{Application, run_worker_only, shutdown_signal};
+use qualia_webhook::store::{self, JobState, Store};
 use qualia_webhook::telemetry;
 
 /// Receives Qualia Marketplace activity notifications, keeps every one
-/// durably, and serves them back.
+/// durably, completes message details from Qualia's API, and serves it all
+/// back.
 #[derive(Debug, Parser)]
 #[command(name = "qualia-webhook", version, about, long_about = None)]
 struct Cli {
@@ -19,10 +22,54 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the service: the webhook receiver and the read API.
-    Serve {
+    /// Run the service: the webhook receiver, the read API and the enrichment worker.
+    Serve(Box<ServeArgs>),
+    /// List or retry enrichment jobs (works beside a running service).
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Do not run the enrichment worker in this process (run it elsewhere).
+    #[arg(long, conflicts_with = "no_http")]
+    no_worker: bool,
+    /// Run only the enrichment worker, without HTTP (to scale it separately).
+    #[arg(long)]
+    no_http: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// List jobs in one state (pending by default).
+    List {
         #[command(flatten)]
-        settings: SettingsArgs,
+        store: StoreArgs,
+        /// List dead jobs (same as --state dead).
+        #[arg(long, conflicts_with = "state")]
+        dead: bool,
+        /// pending, done or dead.
+        #[arg(long, value_parser = ["pending", "done", "dead"])]
+        state: Option<String>,
+        /// Most jobs to list.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        limit: u32,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a dead job (or every dead job) back to pending.
+    Retry {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The job's id (from `jobs list --dead`).
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        id: Option<String>,
+        /// Retry every dead job.
+        #[arg(long)]
+        all_dead: bool,
     },
 }
 
@@ -38,35 +85,53 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { settings } => serve(&settings),
+        Command::Serve(args) => serve(&args),
+        Command::Jobs(cmd) => jobs(cmd),
     }
 }
 
-fn serve(args: &SettingsArgs) -> ExitCode {
-    let settings = match Settings::load(args) {
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("qualia-webhook: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        })
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let mut settings = match Settings::load(&args.settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("qualia-webhook: configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if args.no_worker {
+        settings.worker.enabled = false;
+    }
     telemetry::init(settings.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("qualia-webhook: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
+        if args.no_http {
+            tracing::info!(store = %settings.store, "running the enrichment worker only");
+            return match run_worker_only(&settings, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("qualia-webhook: {}", chain(&e));
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
         let app = match Application::build(&settings).await {
             Ok(app) => app,
             Err(e) => {
-                tracing::error!(error = %qualia_webhook::http::error::chain(&e), "start-up failed");
-                eprintln!("qualia-webhook: {}", qualia_webhook::http::error::chain(&e));
+                tracing::error!(error = %chain(&e), "start-up failed");
+                eprintln!("qualia-webhook: {}", chain(&e));
                 return ExitCode::from(EXIT_FAILURE);
             }
         };
@@ -87,4 +152,147 @@ fn serve(args: &SettingsArgs) -> ExitCode {
             }
         }
     })
+}
+
+fn open_store(
+    args: &StoreArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
+    let location = match args.location() {
+        Ok((l, _)) => l,
+        Err(e) => {
+            eprintln!("qualia-webhook: configuration error: {e}");
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    rt.block_on(store::open(
+        &location,
+        qualia_webhook::config::DEFAULT_QUARANTINE_MAX,
+    ))
+    .map_err(|e| {
+        eprintln!("qualia-webhook: {}", chain(&e));
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
+fn jobs(cmd: JobsCommand) -> ExitCode {
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let store_args = match &cmd {
+        JobsCommand::List { store, .. } | JobsCommand::Retry { store, .. } => store,
+    };
+    let store = match open_store(store_args, &rt) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let code = rt.block_on(async {
+        match cmd {
+            JobsCommand::List {
+                dead,
+                state,
+                limit,
+                json,
+                ..
+            } => {
+                let state = if dead {
+                    JobState::Dead
+                } else {
+                    state
+                        .as_deref()
+                        .and_then(JobState::parse)
+                        .unwrap_or(JobState::Pending)
+                };
+                list_jobs(&*store, state, limit, json).await
+            }
+            JobsCommand::Retry { id, all_dead, .. } => {
+                let now = store::now_ms();
+                if all_dead {
+                    match store.retry_dead_jobs(now).await {
+                        Ok(n) => {
+                            println!("{n} dead job(s) put back to pending");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("qualia-webhook: {}", chain(&e));
+                            ExitCode::from(EXIT_FAILURE)
+                        }
+                    }
+                } else {
+                    let id = id.unwrap_or_default();
+                    match store.retry_job(&id, now).await {
+                        Ok(job) => {
+                            println!(
+                                "job {} is pending again (order {})",
+                                job.job_id, job.order_id
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        Err(store::StoreError::NotFound) => {
+                            eprintln!("qualia-webhook: no job {id}");
+                            ExitCode::from(EXIT_FAILURE)
+                        }
+                        Err(e) => {
+                            eprintln!("qualia-webhook: job {id}: {}", chain(&e));
+                            ExitCode::from(EXIT_FAILURE)
+                        }
+                    }
+                }
+            }
+        }
+    });
+    rt.block_on(store.close());
+    code
+}
+
+async fn list_jobs(store: &dyn Store, state: JobState, limit: u32, json: bool) -> ExitCode {
+    let mut left = limit;
+    let mut cursor = None;
+    let mut rows = Vec::new();
+    while left > 0 {
+        match store.list_jobs(state, left.min(500), cursor).await {
+            Ok(page) => {
+                left = left.saturating_sub(page.items.len() as u32);
+                rows.extend(page.items);
+                match page.next_cursor {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            Err(e) => {
+                eprintln!("qualia-webhook: {}", chain(&e));
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    }
+    if json {
+        for j in rows {
+            let view = qualia_webhook::http::read::JobView::from(j);
+            println!("{}", serde_json::to_string(&view).unwrap_or_default());
+        }
+        return ExitCode::SUCCESS;
+    }
+    if rows.is_empty() {
+        println!("no {state} jobs");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<26}  {:<7}  {:>8}  {:<20}  {:<20}  {:<24}  LAST ERROR",
+        "JOB", "STATE", "ATTEMPTS", "ORDER", "MESSAGE", "NEXT ATTEMPT"
+    );
+    for j in &rows {
+        println!(
+            "{:<26}  {:<7}  {:>8}  {:<20}  {:<20}  {:<24}  {}",
+            j.job_id,
+            j.state,
+            j.attempts,
+            j.order_id,
+            j.message_id.as_ref().map(|m| m.as_ref()).unwrap_or("-"),
+            store::rfc3339_ms(j.next_attempt_ms),
+            j.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    println!("{} {state} job(s)", rows.len());
+    ExitCode::SUCCESS
 }

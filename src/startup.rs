@@ -5,10 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
 
 use crate::config::Settings;
 use crate::http::{AppState, router};
+use crate::qualia::QualiaClient;
 use crate::store::{self, Store};
+use crate::worker::{Worker, WorkerStatus};
 
 /// A bound, ready-to-serve instance.
 pub struct Application {
@@ -16,12 +19,15 @@ pub struct Application {
     local_addr: SocketAddr,
     state: AppState,
     store: Arc<dyn Store>,
+    worker: Option<Worker>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("Qualia API client: {0}")]
+    Qualia(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -48,12 +54,25 @@ impl Application {
         };
         let listener = TcpListener::bind(settings.bind).await.map_err(bind)?;
         let local_addr = listener.local_addr().map_err(bind)?;
-        let state = AppState::new(settings, Arc::clone(&store));
+        let status = Arc::new(WorkerStatus::default());
+        let wake = Arc::new(Notify::new());
+        let worker = if settings.worker.enabled {
+            build_worker(
+                settings,
+                Arc::clone(&store),
+                Arc::clone(&status),
+                Arc::clone(&wake),
+            )?
+        } else {
+            None
+        };
+        let state = AppState::new(settings, Arc::clone(&store), status, wake);
         Ok(Application {
             listener,
             local_addr,
             state,
             store,
+            worker,
         })
     }
 
@@ -71,13 +90,73 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let (stop_worker, worker_stopped) = watch::channel(false);
+        let worker = self.worker.map(|w| tokio::spawn(w.run(worker_stopped)));
         let app = router(self.state);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
+        let _ = stop_worker.send(true);
+        if let Some(w) = worker {
+            let _ = w.await;
+        }
         self.store.close().await;
         served
     }
+}
+
+/// The enrichment worker the settings ask for: `None` without Qualia
+/// credentials (said once, loudly enough: jobs wait).
+pub fn build_worker(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    status: Arc<WorkerStatus>,
+    wake: Arc<Notify>,
+) -> Result<Option<Worker>, StartError> {
+    match QualiaClient::new(&settings.qualia).map_err(StartError::Qualia)? {
+        Some(client) => Ok(Some(Worker::new(
+            store,
+            client,
+            settings.worker.clone(),
+            status,
+            wake,
+        ))),
+        None => {
+            tracing::warn!(
+                "no Qualia API credentials (QUALIA_API_USERNAME/QUALIA_API_PASSWORD or \
+                 QUALIA_API_TOKEN): message enrichment is off; message jobs are kept and wait"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Runs only the enrichment worker (no HTTP) until `shutdown` resolves.
+pub async fn run_worker_only(
+    settings: &Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let store = store::open(&settings.store, settings.quarantine_max).await?;
+    let status = Arc::new(WorkerStatus::default());
+    let worker = build_worker(
+        settings,
+        Arc::clone(&store),
+        status,
+        Arc::new(Notify::new()),
+    )?;
+    let Some(worker) = worker else {
+        store.close().await;
+        return Err(StartError::Qualia(
+            "--no-http runs only the worker, which needs Qualia API credentials".into(),
+        ));
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(worker.run(stopped));
+    shutdown.await;
+    let _ = stop.send(true);
+    let _ = task.await;
+    store.close().await;
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

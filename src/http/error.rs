@@ -28,6 +28,8 @@ pub enum ApiError {
     BadRequest { code: &'static str, detail: String },
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("the request body did not arrive in time")]
     Timeout,
     #[error("the store cannot commit right now")]
@@ -50,6 +52,7 @@ impl ApiError {
             ApiError::BadJson(_) | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -65,6 +68,7 @@ impl ApiError {
             ApiError::Invalid { .. } => "invalid_notification",
             ApiError::BadRequest { code, .. } => code,
             ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Timeout => "request_timeout",
             ApiError::Unavailable(_) => "store_unavailable",
         }
@@ -79,6 +83,7 @@ impl From<StoreError> for ApiError {
                 "cursor was not handed out by this service",
             ),
             StoreError::NotFound => ApiError::NotFound("no such record".into()),
+            StoreError::Conflict(detail) => ApiError::Conflict(detail),
             other => ApiError::Unavailable(other),
         }
     }

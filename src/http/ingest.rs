@@ -76,6 +76,7 @@ pub async fn ingest(
     };
     let order_id = notification.order_id.clone();
     let activity_type = notification.activity_type;
+    let wakes_worker = notification.needs_enrichment();
     let new = NewActivity {
         activity_id: ulid::Ulid::generate().to_string(),
         notification,
@@ -85,6 +86,9 @@ pub async fn ingest(
     };
     match state.store.record_activity(new).await {
         Ok(recorded) => {
+            if wakes_worker && !recorded.duplicate {
+                state.wake.notify_one();
+            }
             log.activity_id = Some(recorded.activity_id.clone());
             log.duplicate = Some(recorded.duplicate);
             let answer = IngestAnswer {

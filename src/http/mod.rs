@@ -6,8 +6,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::{get, post};
 
+use tokio::sync::Notify;
+
 use crate::config::Settings;
 use crate::store::Store;
+use crate::worker::WorkerStatus;
 
 pub mod auth;
 pub mod context;
@@ -28,6 +31,10 @@ pub struct Inner {
     pub api_auth: BasicAuth,
     pub max_body_bytes: usize,
     pub dedup_window: Duration,
+    /// The enrichment worker of this process, if any.
+    pub worker: Arc<WorkerStatus>,
+    /// Wakes the worker when a job is recorded.
+    pub wake: Arc<Notify>,
 }
 
 impl std::ops::Deref for AppState {
@@ -38,13 +45,20 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Self {
+    pub fn new(
+        settings: &Settings,
+        store: Arc<dyn Store>,
+        worker: Arc<WorkerStatus>,
+        wake: Arc<Notify>,
+    ) -> Self {
         AppState(Arc::new(Inner {
             store,
             webhook_auth: BasicAuth::new(&settings.webhook),
             api_auth: BasicAuth::new(&settings.api),
             max_body_bytes: settings.max_body_bytes,
             dedup_window: settings.dedup_window,
+            worker,
+            wake,
         }))
     }
 }
@@ -57,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/orders/{order_id}/activities", get(read::order_activities))
         .route("/activities", get(read::recent_activities))
         .route("/jobs", get(read::list_jobs))
+        .route("/jobs/{job_id}/retry", post(read::retry_job))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .fallback(ops::not_found)

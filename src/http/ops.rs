@@ -27,11 +27,15 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         Ok(Err(e)) => Some(chain(&e)),
         Err(_) => Some("the store did not answer within 3 s".to_owned()),
     };
+    let worker = state.worker.state();
     match reason {
-        None => (StatusCode::OK, Json(json!({ "status": "ready" }))),
+        None => (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "worker": worker })),
+        ),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable", "reason": reason })),
+            Json(json!({ "status": "unavailable", "reason": reason, "worker": worker })),
         ),
     }
 }

@@ -357,3 +357,25 @@ pub async fn list_jobs(
         },
     }))
 }
+
+/// `POST /jobs/{job_id}/retry`: a dead job back to pending.
+pub async fn retry_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(job_id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    authorize(&state, &headers)?;
+    if ulid::Ulid::from_string(&job_id).is_err() {
+        return Err(ApiError::NotFound(format!("no job {job_id:?}")));
+    }
+    let job = state
+        .store
+        .retry_job(&job_id, crate::store::now_ms())
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound => ApiError::NotFound(format!("no job {job_id}")),
+            other => other.into(),
+        })?;
+    state.wake.notify_one();
+    Ok(Json(JobView::from(job)))
+}

@@ -32,6 +32,9 @@ pub enum StoreError {
     InvalidCursor,
     #[error("not found")]
     NotFound,
+    /// The record is not in a state that allows the change.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl StoreError {
@@ -200,6 +203,36 @@ pub struct JobRecord {
     pub updated_ms: i64,
 }
 
+/// Jobs claimed by one worker under one lease.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// Proves the lease when the jobs are finished.
+    pub token: String,
+    pub jobs: Vec<JobRecord>,
+}
+
+/// What became of a claimed job.
+#[derive(Debug, Clone)]
+pub enum JobOutcome {
+    /// The message was fetched: store it, the job is done, the activity
+    /// enriched. Applied even if the lease ran out meanwhile (storing a
+    /// message twice leaves one record).
+    Done {
+        job: JobRecord,
+        message: MessageRecord,
+    },
+    /// Try again at `next_attempt_ms`; `count_attempt` is false when the
+    /// failure was not the job's (the worker was paused).
+    Retry {
+        job: JobRecord,
+        next_attempt_ms: i64,
+        error: String,
+        count_attempt: bool,
+    },
+    /// Give up: the job is dead, the activity's enrichment failed.
+    Dead { job: JobRecord, error: String },
+}
+
 /// An authenticated body that was refused, kept for an operator.
 #[derive(Debug, Clone)]
 pub struct QuarantineEntry {
@@ -260,6 +293,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// The quarantined bodies, newest first.
     async fn quarantined(&self, limit: u32) -> Result<Vec<QuarantineEntry>, StoreError>;
+
+    /// Claims up to `limit` due jobs (pending, due, lease free or expired)
+    /// for `lease`, oldest due first.
+    async fn claim_jobs(
+        &self,
+        now_ms: i64,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Claim, StoreError>;
+
+    /// Records what became of claimed jobs, in one atomic write. Retry and
+    /// dead outcomes apply only while the claim's lease is still held.
+    async fn finish_jobs(
+        &self,
+        token: &str,
+        now_ms: i64,
+        outcomes: Vec<JobOutcome>,
+    ) -> Result<(), StoreError>;
+
+    /// Puts a dead job back to pending, due now, with its attempts reset.
+    async fn retry_job(&self, job_id: &str, now_ms: i64) -> Result<JobRecord, StoreError>;
+
+    /// Puts every dead job back to pending; returns how many.
+    async fn retry_dead_jobs(&self, now_ms: i64) -> Result<u64, StoreError>;
 
     /// Answers when the store can be read and written.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -17,8 +17,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ActivityQuery, ActivityRecord, Enrichment, JobRecord, JobState, MessageRecord, NewActivity,
-    Page, QuarantineEntry, Recorded, Store, StoreError,
+    ActivityQuery, ActivityRecord, Claim, Enrichment, JobOutcome, JobRecord, JobState,
+    MessageRecord, NewActivity, Page, QuarantineEntry, Recorded, Store, StoreError,
 };
 use crate::activity::{ActivityType, MessageId, OrderId};
 
@@ -68,6 +68,7 @@ CREATE TABLE jobs (
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_ms INTEGER NOT NULL,
     lease_until_ms  INTEGER,
+    lease_owner     TEXT,
     last_error      TEXT,
     created_ms      INTEGER NOT NULL,
     updated_ms      INTEGER NOT NULL
@@ -478,6 +479,88 @@ fn record_in_tx(conn: &Connection, new: &NewActivity) -> rusqlite::Result<Record
     })
 }
 
+fn set_enrichment(conn: &Connection, activity_id: &str, e: Enrichment) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE activities SET enrichment = ?2 WHERE activity_id = ?1")?
+        .execute(params![activity_id, e.as_str()])?;
+    Ok(())
+}
+
+/// Inside the writer: apply one job outcome (see `Store::finish_jobs`).
+fn finish_in_tx(
+    conn: &Connection,
+    token: &str,
+    now_ms: i64,
+    outcome: &JobOutcome,
+) -> rusqlite::Result<()> {
+    match outcome {
+        JobOutcome::Done { job, message } => {
+            let attachments = serde_json::to_string(&message.attachments)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            conn.prepare_cached(
+                "INSERT INTO messages(order_id, message_id, order_number, from_name, text,
+                                      created_date, read, attachments, stored_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(order_id, message_id) DO UPDATE SET
+                     order_number = excluded.order_number, from_name = excluded.from_name,
+                     text = excluded.text, created_date = excluded.created_date,
+                     read = excluded.read, attachments = excluded.attachments",
+            )?
+            .execute(params![
+                message.order_id.as_ref(),
+                message.message_id.as_ref(),
+                message.order_number,
+                message.from_name,
+                message.text,
+                message.created_date,
+                message.read,
+                attachments,
+                message.stored_ms,
+            ])?;
+            conn.prepare_cached(
+                "UPDATE jobs SET state = 'done', lease_until_ms = NULL, lease_owner = NULL,
+                     last_error = NULL, updated_ms = ?2
+                 WHERE job_id = ?1 AND state = 'pending'",
+            )?
+            .execute(params![job.job_id, now_ms])?;
+            set_enrichment(conn, &job.activity_id, Enrichment::Enriched)
+        }
+        JobOutcome::Retry {
+            job,
+            next_attempt_ms,
+            error,
+            count_attempt,
+        } => {
+            conn.prepare_cached(
+                "UPDATE jobs SET attempts = attempts + ?3, next_attempt_ms = ?4, last_error = ?5,
+                     lease_until_ms = NULL, lease_owner = NULL, updated_ms = ?6
+                 WHERE job_id = ?1 AND lease_owner = ?2 AND state = 'pending'",
+            )?
+            .execute(params![
+                job.job_id,
+                token,
+                i64::from(*count_attempt),
+                next_attempt_ms,
+                error,
+                now_ms
+            ])?;
+            Ok(())
+        }
+        JobOutcome::Dead { job, error } => {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = ?3,
+                         lease_until_ms = NULL, lease_owner = NULL, updated_ms = ?4
+                     WHERE job_id = ?1 AND lease_owner = ?2 AND state = 'pending'",
+                )?
+                .execute(params![job.job_id, token, error, now_ms])?;
+            if changed > 0 {
+                set_enrichment(conn, &job.activity_id, Enrichment::Failed)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// A column held something this program never writes.
 fn corrupt(what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidColumnName(format!("unexpected {what} {value:?} in the database"))
@@ -721,6 +804,103 @@ impl Store for SqliteStore {
                 })
                 .map_err(unavailable)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn claim_jobs(
+        &self,
+        now_ms: i64,
+        lease: std::time::Duration,
+        limit: u32,
+    ) -> Result<Claim, StoreError> {
+        let token = ulid::Ulid::generate().to_string();
+        let until = now_ms + lease.as_millis() as i64;
+        let t = token.clone();
+        let jobs = self
+            .write(move |conn| {
+                let sql = format!(
+                    "UPDATE jobs SET lease_until_ms = ?1, lease_owner = ?2, updated_ms = ?3
+                     WHERE job_id IN (
+                         SELECT job_id FROM jobs
+                         WHERE state = 'pending' AND next_attempt_ms <= ?3
+                           AND (lease_until_ms IS NULL OR lease_until_ms <= ?3)
+                         ORDER BY next_attempt_ms LIMIT ?4)
+                     RETURNING {JOB_COLUMNS}"
+                );
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let rows = stmt.query_map(params![until, t, now_ms, limit as i64], job_from_row)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(Claim { token, jobs })
+    }
+
+    async fn finish_jobs(
+        &self,
+        token: &str,
+        now_ms: i64,
+        outcomes: Vec<JobOutcome>,
+    ) -> Result<(), StoreError> {
+        let token = token.to_owned();
+        self.write(move |conn| {
+            for outcome in &outcomes {
+                finish_in_tx(conn, &token, now_ms, outcome)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn retry_job(&self, job_id: &str, now_ms: i64) -> Result<JobRecord, StoreError> {
+        let job_id = job_id.to_owned();
+        let outcome = self
+            .write(move |conn| {
+                let sql = format!(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_ms = ?2,
+                         lease_until_ms = NULL, lease_owner = NULL, updated_ms = ?2
+                     WHERE job_id = ?1 AND state = 'dead' RETURNING {JOB_COLUMNS}"
+                );
+                let job = conn
+                    .prepare_cached(&sql)?
+                    .query_row(params![job_id, now_ms], job_from_row)
+                    .optional()?;
+                match job {
+                    Some(job) => {
+                        set_enrichment(conn, &job.activity_id, Enrichment::Pending)?;
+                        Ok(Ok(job))
+                    }
+                    None => {
+                        let state: Option<String> = conn
+                            .prepare_cached("SELECT state FROM jobs WHERE job_id = ?1")?
+                            .query_row([&job_id], |r| r.get(0))
+                            .optional()?;
+                        Ok(Err(state))
+                    }
+                }
+            })
+            .await?;
+        outcome.map_err(|state| match state {
+            None => StoreError::NotFound,
+            Some(state) => StoreError::Conflict(format!("the job is {state}, not dead")),
+        })
+    }
+
+    async fn retry_dead_jobs(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE activities SET enrichment = 'pending'
+                 WHERE activity_id IN (SELECT activity_id FROM jobs WHERE state = 'dead')",
+            )?
+            .execute([])?;
+            let n = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_ms = ?1,
+                         lease_until_ms = NULL, lease_owner = NULL, updated_ms = ?1
+                     WHERE state = 'dead'",
+                )?
+                .execute([now_ms])?;
+            Ok(n as u64)
         })
         .await
     }

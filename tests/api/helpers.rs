@@ -183,3 +183,88 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
     .await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+pub const QUALIA_USER: &str = "vendor-api";
+pub const QUALIA_PASSWORD: &str = "vendor-api-password";
+
+/// A Qualia stand-in on a free loopback port.
+pub struct Qualia {
+    pub standin: qualia_webhook::standin::StandIn,
+    pub url: String,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn spawn_qualia() -> Qualia {
+    let standin =
+        qualia_webhook::standin::StandIn::new(QUALIA_USER, QUALIA_PASSWORD, Default::default());
+    let (addr, task) = standin
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("stand-in listens");
+    Qualia {
+        standin,
+        url: format!("http://{addr}{}", qualia_webhook::standin::GRAPHQL_PATH),
+        _task: task,
+    }
+}
+
+/// Points the settings at the stand-in with fast, test-sized timings.
+pub fn use_qualia(s: &mut Settings, url: &str) {
+    s.qualia.url = url.to_owned();
+    s.qualia.credentials = Some(qualia_webhook::config::QualiaCredentials {
+        username: QUALIA_USER.into(),
+        password: qualia_webhook::config::Secret::new(QUALIA_PASSWORD),
+    });
+    s.qualia.timeout = std::time::Duration::from_secs(2);
+    s.worker.batch_window = std::time::Duration::from_millis(30);
+    s.worker.poll_interval = std::time::Duration::from_millis(50);
+    s.worker.retry_base = std::time::Duration::from_millis(20);
+    s.worker.retry_cap = std::time::Duration::from_millis(200);
+    s.worker.lease = std::time::Duration::from_secs(5);
+}
+
+/// The app with its worker talking to a fresh stand-in.
+pub async fn spawn_with_qualia(adjust: impl FnOnce(&mut Settings)) -> (TestApp, Qualia) {
+    let qualia = spawn_qualia().await;
+    let app = spawn_with(|s| {
+        use_qualia(s, &qualia.url);
+        adjust(s);
+    })
+    .await;
+    (app, qualia)
+}
+
+/// Waits until `check` is true, polling every 20 ms, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+impl TestApp {
+    pub async fn job_count(&self, state: &str) -> u64 {
+        self.get_json(&format!("/jobs?state={state}&limit=500"))
+            .await["count"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    pub async fn messages_of(&self, order_id: &str) -> Vec<Value> {
+        self.get_json(&format!("/webhook/activity/{order_id}"))
+            .await["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}

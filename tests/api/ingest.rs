@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use qualia_webhook::activity::{ActivityType, OrderId};
 use qualia_webhook::startup::Application;
 use qualia_webhook::store::{
-    self, ActivityQuery, ActivityRecord, JobRecord, JobState, MessageRecord, NewActivity, Page,
-    QuarantineEntry, Recorded, Store, StoreError,
+    self, ActivityQuery, ActivityRecord, Claim, JobOutcome, JobRecord, JobState, MessageRecord,
+    NewActivity, Page, QuarantineEntry, Recorded, Store, StoreError,
 };
 use serde_json::{Value, json};
 
@@ -510,6 +510,18 @@ impl Store for FailingStore {
     }
     async fn quarantined(&self, l: u32) -> Result<Vec<QuarantineEntry>, StoreError> {
         self.inner.quarantined(l).await
+    }
+    async fn claim_jobs(&self, now: i64, lease: Duration, limit: u32) -> Result<Claim, StoreError> {
+        self.inner.claim_jobs(now, lease, limit).await
+    }
+    async fn finish_jobs(&self, t: &str, now: i64, o: Vec<JobOutcome>) -> Result<(), StoreError> {
+        self.inner.finish_jobs(t, now, o).await
+    }
+    async fn retry_job(&self, id: &str, now: i64) -> Result<JobRecord, StoreError> {
+        self.inner.retry_job(id, now).await
+    }
+    async fn retry_dead_jobs(&self, now: i64) -> Result<u64, StoreError> {
+        self.inner.retry_dead_jobs(now).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {

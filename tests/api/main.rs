@@ -1,7 +1,9 @@
 //! Black-box tests: the real server on port 0 with a temporary store.
 
+mod enrichment;
 mod helpers;
 mod ingest;
 mod process;
+mod qualia_client;
 mod read;
 mod store_contract;

@@ -223,7 +223,18 @@ fn help_lists_the_settings_without_their_secret_values() {
 async fn sigterm_stops_gracefully_and_logs_never_hold_a_secret() {
     let dir = tempfile::tempdir().unwrap();
     let previous = "previous-password-42";
-    let server = start_server(dir.path(), &[("WEBHOOK_PASSWORD_PREVIOUS", previous)]);
+    let qualia_password = "qualia-api-secret-77";
+    let server = start_server(
+        dir.path(),
+        &[
+            ("WEBHOOK_PASSWORD_PREVIOUS", previous),
+            // A Qualia that is not there: the worker fails and logs it.
+            ("QUALIA_API_URL", "http://127.0.0.1:9/api/vendor/graphql"),
+            ("QUALIA_API_USERNAME", "vendor"),
+            ("QUALIA_API_PASSWORD", qualia_password),
+            ("WORKER_BATCH_WINDOW", "10ms"),
+        ],
+    );
     let client = reqwest::Client::new();
     let url = format!("http://{}/webhook/activity", server.addr);
     let order = new_id();
@@ -309,4 +320,88 @@ async fn a_restarted_binary_serves_what_it_acknowledged() {
         .unwrap();
     assert_eq!(v["count"], 6);
     server.terminate();
+}
+
+#[tokio::test]
+async fn jobs_list_and_retry_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = qualia_webhook::config::StoreLocation::Sqlite {
+        path: dir.path().join("data/q.db"),
+    };
+    let store_url = format!("sqlite://{}", dir.path().join("data/q.db").display());
+    {
+        let s = qualia_webhook::store::open(&location, 10).await.unwrap();
+        for _ in 0..2 {
+            let order = new_id();
+            let n = qualia_webhook::activity::Notification::parse(
+                sample(ActivityType::Message, &order).to_string().as_bytes(),
+            )
+            .unwrap();
+            s.record_activity(qualia_webhook::store::NewActivity {
+                activity_id: ulid::Ulid::generate().to_string(),
+                notification: n,
+                received_ms: 1,
+                request_id: "r".into(),
+                dedup_window: Duration::from_secs(600),
+            })
+            .await
+            .unwrap();
+        }
+        let claim = s.claim_jobs(1, Duration::from_secs(60), 10).await.unwrap();
+        let outcomes = claim
+            .jobs
+            .iter()
+            .map(|j| qualia_webhook::store::JobOutcome::Dead {
+                job: j.clone(),
+                error: "not_found: gone".into(),
+            })
+            .collect();
+        s.finish_jobs(&claim.token, 2, outcomes).await.unwrap();
+        s.close().await;
+    }
+    let run = |args: &[&str]| {
+        let out = command(dir.path())
+            .args(args)
+            .env("STORE", &store_url)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["jobs", "list", "--dead"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("not_found: gone") && out.contains("2 dead job(s)"),
+        "{out}"
+    );
+    let first_id = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+
+    let (code, out, _) = run(&["jobs", "retry", &first_id]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("pending again"));
+    let (code, _, err) = run(&["jobs", "retry", &first_id]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not dead"), "{err}");
+    let (code, out, _) = run(&["jobs", "retry", "--all-dead"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("1 dead job(s)"), "{out}");
+    let (code, out, _) = run(&["jobs", "list", "--json"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.lines().count(), 2);
+    for line in out.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["state"], "pending");
+    }
+    let (code, _, err) = run(&["jobs", "retry"]);
+    assert_eq!(code, Some(2), "an id or --all-dead is required: {err}");
 }

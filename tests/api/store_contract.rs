@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qualia_webhook::activity::{ActivityType, Notification, OrderId};
+use qualia_webhook::config::StoreLocation;
 use qualia_webhook::store::{
-    self, ActivityQuery, Enrichment, JobState, NewActivity, QuarantineEntry, Store, StoreError,
+    self, ActivityQuery, Enrichment, JobOutcome, JobRecord, JobState, MessageRecord, NewActivity,
+    QuarantineEntry, Store, StoreError,
 };
 use serde_json::json;
 
@@ -15,6 +17,8 @@ use crate::helpers::new_id;
 /// A store of one backend, and what keeps it alive.
 pub struct Handle {
     pub store: Arc<dyn Store>,
+    /// Opens another handle on the same data, as a second process would.
+    pub location: StoreLocation,
     _dir: tempfile::TempDir,
 }
 
@@ -22,7 +26,11 @@ pub async fn sqlite() -> Handle {
     let dir = tempfile::tempdir().unwrap();
     let location = crate::helpers::db_location(&dir);
     let store = store::open(&location, 5).await.unwrap();
-    Handle { store, _dir: dir }
+    Handle {
+        store,
+        location,
+        _dir: dir,
+    }
 }
 
 fn notification(
@@ -367,6 +375,259 @@ pub async fn concurrent_records_are_all_kept_once(s: Arc<dyn Store>) {
     assert!(stored.iter().all(|a| a.deliveries == 2));
 }
 
+/// Records `n` message activities; returns their order ids.
+async fn messages(s: &Arc<dyn Store>, n: usize, received_ms: i64) -> Vec<String> {
+    let mut orders = Vec::new();
+    for _ in 0..n {
+        let order = new_id();
+        let n = notification(ActivityType::Message, &order, "m", Some(&new_id()));
+        s.record_activity(new_activity(n, received_ms, WINDOW))
+            .await
+            .unwrap();
+        orders.push(order);
+    }
+    orders
+}
+
+fn message_for(job: &JobRecord, text: &str) -> MessageRecord {
+    MessageRecord {
+        order_id: job.order_id.clone(),
+        message_id: job.message_id.clone().unwrap(),
+        order_number: Some("TEST-1".into()),
+        from_name: Some("Marty McFly".into()),
+        text: Some(text.into()),
+        created_date: Some("2026-11-11T10:30:00Z".into()),
+        read: Some(false),
+        attachments: vec![store::Attachment {
+            id: "a1".into(),
+            name: Some("f.pdf".into()),
+            url: Some("https://x/f.pdf".into()),
+            tag: None,
+        }],
+        stored_ms: 42,
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+pub async fn claims_respect_due_time_and_leases(s: Arc<dyn Store>) {
+    let now = store::now_ms();
+    messages(&s, 3, now).await;
+    // Not yet due.
+    assert!(
+        s.claim_jobs(now - 1, LEASE, 10)
+            .await
+            .unwrap()
+            .jobs
+            .is_empty()
+    );
+    let first = s.claim_jobs(now, LEASE, 2).await.unwrap();
+    assert_eq!(first.jobs.len(), 2, "the limit holds");
+    assert!(
+        first
+            .jobs
+            .iter()
+            .all(|j| j.lease_until_ms == Some(now + 60_000))
+    );
+    let second = s.claim_jobs(now, LEASE, 10).await.unwrap();
+    assert_eq!(second.jobs.len(), 1, "leased jobs are not claimed again");
+    assert!(
+        s.claim_jobs(now + 59_999, LEASE, 10)
+            .await
+            .unwrap()
+            .jobs
+            .is_empty()
+    );
+    // After the lease, everything is claimable again.
+    let after = s.claim_jobs(now + 60_000, LEASE, 10).await.unwrap();
+    assert_eq!(after.jobs.len(), 3);
+    assert_ne!(after.token, first.token);
+}
+
+pub async fn done_jobs_store_the_message_once_and_enrich(s: Arc<dyn Store>) {
+    let now = store::now_ms();
+    let orders = messages(&s, 2, now).await;
+    let claim = s.claim_jobs(now, LEASE, 10).await.unwrap();
+    let outcomes: Vec<_> = claim
+        .jobs
+        .iter()
+        .map(|j| JobOutcome::Done {
+            job: j.clone(),
+            message: message_for(j, "hello"),
+        })
+        .collect();
+    s.finish_jobs(&claim.token, now, outcomes.clone())
+        .await
+        .unwrap();
+    // Finishing again (a redelivered completion, another worker) changes nothing.
+    s.finish_jobs("someone-else", now, outcomes).await.unwrap();
+    for order in &orders {
+        let id = OrderId::parse(order.clone()).unwrap();
+        let msgs = s.order_messages(&id).await.unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].text.as_deref(), Some("hello"));
+        assert_eq!(msgs[0].attachments.len(), 1);
+        assert_eq!(
+            s.order_activities(&id).await.unwrap()[0].enrichment,
+            Enrichment::Enriched
+        );
+    }
+    assert_eq!(
+        s.list_jobs(JobState::Done, 10, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+    assert!(
+        s.claim_jobs(now + 3_600_000, LEASE, 10)
+            .await
+            .unwrap()
+            .jobs
+            .is_empty()
+    );
+}
+
+pub async fn retries_count_attempts_and_reschedule(s: Arc<dyn Store>) {
+    let now = store::now_ms();
+    messages(&s, 1, now).await;
+    let claim = s.claim_jobs(now, LEASE, 10).await.unwrap();
+    let job = claim.jobs[0].clone();
+    s.finish_jobs(
+        &claim.token,
+        now,
+        vec![JobOutcome::Retry {
+            job: job.clone(),
+            next_attempt_ms: now + 5_000,
+            error: "retryable: HTTP 500".into(),
+            count_attempt: true,
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(
+        s.claim_jobs(now + 4_999, LEASE, 10)
+            .await
+            .unwrap()
+            .jobs
+            .is_empty(),
+        "not due yet"
+    );
+    let again = s.claim_jobs(now + 5_000, LEASE, 10).await.unwrap();
+    assert_eq!(again.jobs.len(), 1);
+    assert_eq!(again.jobs[0].attempts, 1);
+    assert_eq!(
+        again.jobs[0].last_error.as_deref(),
+        Some("retryable: HTTP 500")
+    );
+    // A release that does not count (the worker was paused).
+    s.finish_jobs(
+        &again.token,
+        now,
+        vec![JobOutcome::Retry {
+            job: again.jobs[0].clone(),
+            next_attempt_ms: now + 5_000,
+            error: "auth".into(),
+            count_attempt: false,
+        }],
+    )
+    .await
+    .unwrap();
+    let third = s.claim_jobs(now + 5_000, LEASE, 10).await.unwrap();
+    assert_eq!(third.jobs[0].attempts, 1);
+    // A stale token (the lease was lost) changes nothing.
+    s.finish_jobs(
+        &claim.token,
+        now,
+        vec![JobOutcome::Dead {
+            job,
+            error: "stale".into(),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(
+        s.list_jobs(JobState::Dead, 10, None)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+pub async fn dead_jobs_fail_the_activity_and_can_be_retried(s: Arc<dyn Store>) {
+    let now = store::now_ms();
+    let orders = messages(&s, 2, now).await;
+    let claim = s.claim_jobs(now, LEASE, 10).await.unwrap();
+    let outcomes = claim
+        .jobs
+        .iter()
+        .map(|j| JobOutcome::Dead {
+            job: j.clone(),
+            error: "not_found: gone".into(),
+        })
+        .collect();
+    s.finish_jobs(&claim.token, now, outcomes).await.unwrap();
+    let dead = s.list_jobs(JobState::Dead, 10, None).await.unwrap().items;
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].last_error.as_deref(), Some("not_found: gone"));
+    assert_eq!(dead[0].attempts, 1);
+    let id = OrderId::parse(orders[0].clone()).unwrap();
+    assert_eq!(
+        s.order_activities(&id).await.unwrap()[0].enrichment,
+        Enrichment::Failed
+    );
+
+    let retried = s.retry_job(&dead[0].job_id, now + 10).await.unwrap();
+    assert_eq!(retried.state, JobState::Pending);
+    assert_eq!(retried.attempts, 0);
+    assert_eq!(retried.next_attempt_ms, now + 10);
+    let dead_order = s.order_activities(&dead[0].order_id).await.unwrap();
+    assert_eq!(dead_order[0].enrichment, Enrichment::Pending);
+    assert!(matches!(
+        s.retry_job(&dead[0].job_id, now).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.retry_job(&ulid::Ulid::generate().to_string(), now).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(s.retry_dead_jobs(now + 10).await.unwrap(), 1);
+    assert_eq!(
+        s.claim_jobs(now + 10, LEASE, 10).await.unwrap().jobs.len(),
+        2
+    );
+}
+
+pub async fn concurrent_claims_by_two_handles_never_share_a_job(
+    s: Arc<dyn Store>,
+    other: Arc<dyn Store>,
+) {
+    let now = store::now_ms();
+    messages(&s, 60, now).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let st = if i % 2 == 0 {
+            Arc::clone(&s)
+        } else {
+            Arc::clone(&other)
+        };
+        tasks.spawn(async move { st.claim_jobs(now, LEASE, 7).await.unwrap().jobs });
+    }
+    let mut ids: Vec<String> = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .flatten()
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(ids.len(), 60, "every job claimed");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 60, "no job claimed twice");
+}
+
 pub async fn ping_answers(s: Arc<dyn Store>) {
     s.ping().await.unwrap();
 }
@@ -382,6 +643,15 @@ macro_rules! contract {
                     h.store.close().await;
                 }
             )*
+
+            #[tokio::test]
+            async fn concurrent_claims_by_two_handles_never_share_a_job() {
+                let h = super::$backend().await;
+                let other = qualia_webhook::store::open(&h.location, 5).await.unwrap();
+                super::concurrent_claims_by_two_handles_never_share_a_job(h.store.clone(), other.clone()).await;
+                other.close().await;
+                h.store.close().await;
+            }
         }
     };
 }
@@ -396,5 +666,9 @@ contract!(sqlite:
     recent_activities_page_and_filter,
     quarantine_is_bounded_newest_first,
     concurrent_records_are_all_kept_once,
+    claims_respect_due_time_and_leases,
+    done_jobs_store_the_message_once_and_enrich,
+    retries_count_attempts_and_reschedule,
+    dead_jobs_fail_the_activity_and_can_be_retried,
     ping_answers,
 );
