@@ -323,7 +323,9 @@ fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
         let now = super::now_ms();
         if now - last_sweep_ms > 60_000 {
             last_sweep_ms = now;
-            if let Err(e) = sweep_expired_dedup(&conn, now) {
+            // An hour's grace: a marker is only removed long after no clock
+            // (of this or another process) could still read it as live.
+            if let Err(e) = sweep_expired_dedup(&conn, now - 3_600_000) {
                 tracing::warn!(error = %e, "could not remove expired dedup markers");
             }
         }

@@ -361,7 +361,9 @@ pub async fn concurrent_records_are_all_kept_once(s: Arc<dyn Store>) {
                 &format!("c{}", i / 2),
                 None,
             );
-            s.record_activity(new_activity(n, 1, WINDOW)).await.unwrap()
+            s.record_activity(new_activity(n, store::now_ms(), WINDOW))
+                .await
+                .unwrap()
         });
     }
     let results = tasks.join_all().await;
