@@ -27,6 +27,23 @@ enum Command {
     /// List or retry enrichment jobs (works beside a running service).
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Manage the DynamoDB table.
+    #[command(subcommand)]
+    Table(TableCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TableCommand {
+    /// Create the DynamoDB table (on-demand billing), its index GSI1 and its
+    /// TTL; on an existing table, add only what is missing. Uses the standard
+    /// AWS settings (AWS_REGION, credentials, AWS_ENDPOINT_URL).
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Table name [default: from STORE=dynamodb://TABLE or DYNAMODB_TABLE].
+        #[arg(long)]
+        table: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -87,7 +104,54 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Jobs(cmd) => jobs(cmd),
+        Command::Table(TableCommand::Create { store, table }) => table_create(&store, table),
     }
+}
+
+fn table_create(store: &StoreArgs, table: Option<String>) -> ExitCode {
+    let table = match table {
+        Some(t) => match qualia_webhook::config::StoreLocation::parse(&format!("dynamodb://{t}")) {
+            Ok(_) => t,
+            Err(e) => {
+                eprintln!("qualia-webhook: configuration error: --table {t:?}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => match store.location() {
+            Ok((qualia_webhook::config::StoreLocation::DynamoDb { table }, _)) => table,
+            Ok(_) => {
+                eprintln!(
+                    "qualia-webhook: configuration error: table create is for DynamoDB: \
+                     give --table NAME, or STORE=dynamodb://TABLE or DYNAMODB_TABLE"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Err(e) => {
+                eprintln!("qualia-webhook: configuration error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let client = store::dynamodb::client().await;
+        match store::dynamodb::create_table(&client, &table).await {
+            Ok(done) => {
+                for line in done {
+                    println!("✓ {line}");
+                }
+                println!("✓ table {table} is ready");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("✗ {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {

@@ -191,7 +191,9 @@ impl Worker {
             Err(QualiaError::Auth { status }) => {
                 self.pauses += 1;
                 let hold = self.policy.ceiling(self.pauses);
-                if !self.status.paused.swap(true, Ordering::Relaxed) || self.pauses % 10 == 0 {
+                if !self.status.paused.swap(true, Ordering::Relaxed)
+                    || self.pauses.is_multiple_of(10)
+                {
                     tracing::error!(
                         status,
                         url = self.client.url(),

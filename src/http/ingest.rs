@@ -78,7 +78,7 @@ pub async fn ingest(
     let activity_type = notification.activity_type;
     let wakes_worker = notification.needs_enrichment();
     let new = NewActivity {
-        activity_id: ulid::Ulid::generate().to_string(),
+        activity_id: crate::store::new_activity_id(received_ms),
         notification,
         received_ms,
         request_id: request_id.clone(),

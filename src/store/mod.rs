@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::activity::{ActivityType, MessageId, Notification, OrderId};
 use crate::config::StoreLocation;
 
+pub mod dynamodb;
 pub mod sqlite;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -335,11 +336,17 @@ pub async fn open(
             let store = sqlite::SqliteStore::open(path, quarantine_max).await?;
             Ok(std::sync::Arc::new(store))
         }
-        StoreLocation::DynamoDb { .. } => Err(StoreError::Open {
-            location: location.to_string(),
-            source: "the DynamoDB backend is not part of this build yet; use sqlite://PATH".into(),
-        }),
+        StoreLocation::DynamoDb { table } => {
+            let store = dynamodb::DynamoStore::open(table, quarantine_max).await?;
+            Ok(std::sync::Arc::new(store))
+        }
     }
+}
+
+/// A new activity id: a ULID whose time part is the arrival time, so that
+/// the id alone gives the activity's place in the stored layout.
+pub fn new_activity_id(received_ms: i64) -> String {
+    ulid::Ulid::from_parts(received_ms.max(0) as u64, fastrand::u128(..)).to_string()
 }
 
 /// Milliseconds since the Unix epoch, now.

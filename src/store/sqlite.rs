@@ -294,10 +294,10 @@ impl SqliteStore {
                 None => open_reader(&path).map_err(unavailable)?,
             };
             let out = f(&conn);
-            if let Ok(mut v) = readers.lock() {
-                if v.len() < READ_POOL {
-                    v.push(conn);
-                }
+            if let Ok(mut v) = readers.lock()
+                && v.len() < READ_POOL
+            {
+                v.push(conn);
             }
             out
         })

@@ -268,3 +268,30 @@ impl TestApp {
             .unwrap_or_default()
     }
 }
+
+/// Whether the DynamoDB-compatible test server is up (`scripts/test` starts
+/// one and sets `QW_TEST_DYNAMODB=1` with the AWS_* settings pointing at it).
+pub fn dynamodb_enabled() -> bool {
+    let on = std::env::var("QW_TEST_DYNAMODB").is_ok_and(|v| v == "1");
+    if !on {
+        eprintln!("SKIPPED: no DynamoDB test server (run ./scripts/test to include these tests)");
+    }
+    on
+}
+
+/// Creates a fresh table with `table create`'s code; `None` when DynamoDB
+/// tests are not enabled.
+pub async fn dynamodb_table() -> Option<String> {
+    if !dynamodb_enabled() {
+        return None;
+    }
+    let table = format!(
+        "qw-test-{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    let client = qualia_webhook::store::dynamodb::client().await;
+    qualia_webhook::store::dynamodb::create_table(&client, &table)
+        .await
+        .expect("test table created");
+    Some(table)
+}

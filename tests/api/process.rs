@@ -58,12 +58,11 @@ fn start_server(dir: &Path, extra: &[(&str, &str)]) -> Server {
         let output = Arc::clone(&output);
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if let Some(tx) = &tx {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if v["message"] == "listening" {
-                            let _ = tx.send(v["address"].as_str().unwrap_or("").to_owned());
-                        }
-                    }
+                if let Some(tx) = &tx
+                    && let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "listening"
+                {
+                    let _ = tx.send(v["address"].as_str().unwrap_or("").to_owned());
                 }
                 output.lock().unwrap().push_str(&line);
                 output.lock().unwrap().push('\n');
