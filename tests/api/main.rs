@@ -6,4 +6,5 @@ mod ingest;
 mod process;
 mod qualia_client;
 mod read;
+mod replicas;
 mod store_contract;

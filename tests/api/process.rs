@@ -15,23 +15,30 @@ use crate::helpers::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_qualia-webhook");
 
-/// The binary with a clean environment (no stray settings) in `dir`.
-fn command(dir: &Path) -> Command {
+/// The binary with a clean environment (no stray settings) in `dir`; only
+/// PATH and the AWS settings of the test DynamoDB server are passed on.
+pub fn command(dir: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .current_dir(dir)
         .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for (k, v) in std::env::vars_os() {
+        let k_s = k.to_string_lossy();
+        if k_s.starts_with("AWS_") || k_s == "DYNAMODB_ATTEMPT_TIMEOUT" {
+            cmd.env(&k, v);
+        }
+    }
     cmd
 }
 
-struct Server {
+pub struct Server {
     child: Child,
-    addr: SocketAddr,
-    output: Arc<Mutex<String>>,
+    pub addr: SocketAddr,
+    pub output: Arc<Mutex<String>>,
 }
 
 /// Starts `serve` and waits for its "listening" line.
-fn start_server(dir: &Path, extra: &[(&str, &str)]) -> Server {
+pub fn start_server(dir: &Path, extra: &[(&str, &str)]) -> Server {
     let mut cmd = command(dir);
     cmd.args(["serve"])
         .env("WEBHOOK_USERNAME", USER)
@@ -82,7 +89,7 @@ fn start_server(dir: &Path, extra: &[(&str, &str)]) -> Server {
 }
 
 impl Server {
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
