@@ -14,7 +14,7 @@ pub const MAX_ID_CHARS: usize = 128;
 pub const MAX_DESCRIPTION_CHARS: usize = 4096;
 
 /// The six kinds of activity Qualia notifies a vendor about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ActivityType {
     OrderRequest,

@@ -486,6 +486,9 @@ pub struct SettingsArgs {
     /// Log format: json or pretty [default: json]; the level comes from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Require the read credentials on /metrics: true or false [default: false].
+    #[arg(long, env = "METRICS_AUTH", value_name = "BOOL")]
+    pub metrics_auth: Option<String>,
     #[command(flatten)]
     pub qualia: QualiaArgs,
     #[command(flatten)]
@@ -521,6 +524,8 @@ pub struct Settings {
     pub dedup_window: Duration,
     pub quarantine_max: u64,
     pub log_format: LogFormat,
+    /// Whether `/metrics` needs the read credentials.
+    pub metrics_auth: bool,
     pub qualia: QualiaSettings,
     pub worker: WorkerSettings,
     /// Names of the settings that were not given and took their default.
@@ -682,6 +687,23 @@ impl Settings {
             }
         };
 
+        let metrics_auth = match non_empty(&args.metrics_auth)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None => {
+                defaulted.push("METRICS_AUTH");
+                false
+            }
+            Some("true" | "1" | "yes" | "on") => true,
+            Some("false" | "0" | "no" | "off") => false,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "METRICS_AUTH",
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        };
         let qualia = QualiaSettings::load(&args.qualia, &mut defaulted)?;
         let worker = WorkerSettings::load(&args.worker, &mut defaulted)?;
         if worker.lease <= qualia.timeout + Duration::from_secs(5) {
@@ -705,6 +727,7 @@ impl Settings {
             dedup_window,
             quarantine_max,
             log_format,
+            metrics_auth,
             qualia,
             worker,
             defaulted,
@@ -728,6 +751,7 @@ impl Settings {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             quarantine_max: DEFAULT_QUARANTINE_MAX,
             log_format: LogFormat::Json,
+            metrics_auth: false,
             qualia: QualiaSettings {
                 environment: QualiaEnvironment::Sandbox,
                 url: crate::qualia::SANDBOX_URL.to_owned(),

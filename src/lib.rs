@@ -5,9 +5,11 @@
 pub mod activity;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod qualia;
 pub mod standin;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tools;
 pub mod worker;

@@ -30,6 +30,49 @@ enum Command {
     /// Manage the DynamoDB table.
     #[command(subcommand)]
     Table(TableCommand),
+    /// Check the setup: settings, credentials, store, Qualia API, listen
+    /// address. One line each; exit 0 only when all pass.
+    Check(Box<CheckArgs>),
+    /// Send Qualia's six sample notifications and the invalid cases to a
+    /// running service and check every answer.
+    Fire(FireArgs),
+    /// Exit 0 when a running service answers /health (for container health checks).
+    Health {
+        /// The health URL.
+        #[arg(long, default_value = "http://127.0.0.1:8000/health")]
+        url: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct FireArgs {
+    /// The service: http://HOST:PORT or the full /webhook/activity URL.
+    #[arg(long)]
+    url: String,
+    /// Webhook username [default: WEBHOOK_USERNAME].
+    #[arg(long, env = "WEBHOOK_USERNAME")]
+    username: Option<String>,
+    /// Webhook password [default: WEBHOOK_PASSWORD].
+    #[arg(long, env = "WEBHOOK_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Use this order id instead of a fresh one.
+    #[arg(long)]
+    order_id: Option<String>,
+    /// Send only the sample of this type (no invalid cases).
+    #[arg(long = "type", value_name = "TYPE", value_parser = ["order_request", "order_cancelled", "order_completed", "order_revision_requested", "message", "documents"])]
+    activity_type: Option<String>,
+    /// Timeout of each request.
+    #[arg(long, default_value = "10s", value_parser = qualia_webhook::config::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +148,108 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::Jobs(cmd) => jobs(cmd),
         Command::Table(TableCommand::Create { store, table }) => table_create(&store, table),
+        Command::Check(args) => check(&args),
+        Command::Fire(args) => fire(&args),
+        Command::Health { url } => health(&url),
+    }
+}
+
+fn check(args: &CheckArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let lines = rt.block_on(qualia_webhook::tools::check::run(&args.settings));
+    let ok = lines.iter().all(|l| l.ok);
+    if args.json {
+        let doc = serde_json::json!({ "ok": ok, "checks": lines });
+        println!("{doc}");
+    } else {
+        for line in &lines {
+            println!("{}", line.render());
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    }
+}
+
+fn fire(args: &FireArgs) -> ExitCode {
+    use qualia_webhook::tools::fire;
+    let url = match fire::ingest_url(&args.url) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("qualia-webhook: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (Some(username), Some(password)) = (
+        args.username.as_deref().filter(|s| !s.is_empty()),
+        args.password.as_deref().filter(|s| !s.is_empty()),
+    ) else {
+        eprintln!(
+            "qualia-webhook: configuration error: fire needs --username and --password \
+             (or WEBHOOK_USERNAME and WEBHOOK_PASSWORD)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let order_id = match args.order_id.as_deref() {
+        None => None,
+        Some(o) => match qualia_webhook::activity::OrderId::parse(o) {
+            Ok(_) => Some(o),
+            Err(e) => {
+                eprintln!("qualia-webhook: configuration error: --order-id {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let only = args
+        .activity_type
+        .as_deref()
+        .and_then(qualia_webhook::activity::ActivityType::parse);
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let cases = fire::cases(order_id, only);
+    match rt.block_on(fire::fire(&url, username, password, cases, args.timeout)) {
+        Ok(outcomes) => {
+            print!("{}", fire::report(&outcomes));
+            if outcomes.iter().all(fire::Outcome::passed) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("qualia-webhook: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn health(url: &str) -> ExitCode {
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let healthy = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(3))
+            .build()
+            .ok()?;
+        let res = client.get(url).send().await.ok()?;
+        let v: serde_json::Value = res.error_for_status().ok()?.json().await.ok()?;
+        (v["status"] == "healthy").then_some(())
+    });
+    match healthy {
+        Some(()) => ExitCode::SUCCESS,
+        None => {
+            eprintln!("qualia-webhook: {url} is not healthy");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::Settings;
 use crate::http::{AppState, router};
+use crate::metrics::Metrics;
 use crate::qualia::QualiaClient;
 use crate::store::{self, Store};
 use crate::worker::{Worker, WorkerStatus};
@@ -54,7 +55,8 @@ impl Application {
         };
         let listener = TcpListener::bind(settings.bind).await.map_err(bind)?;
         let local_addr = listener.local_addr().map_err(bind)?;
-        let status = Arc::new(WorkerStatus::default());
+        let metrics = Arc::new(Metrics::new());
+        let status = Arc::new(WorkerStatus::with_metrics(Arc::clone(&metrics)));
         let wake = Arc::new(Notify::new());
         let worker = if settings.worker.enabled {
             build_worker(
@@ -66,7 +68,7 @@ impl Application {
         } else {
             None
         };
-        let state = AppState::new(settings, Arc::clone(&store), status, wake);
+        let state = AppState::new(settings, Arc::clone(&store), status, wake, metrics);
         Ok(Application {
             listener,
             local_addr,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::config::WorkerSettings;
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::qualia::{QualiaClient, QualiaError, QualiaMessage};
 use crate::store::{JobOutcome, JobRecord, MessageRecord, Store, StoreError, now_ms};
 
@@ -46,15 +47,25 @@ impl RetryPolicy {
     }
 }
 
-/// What the rest of the service can see of the worker.
+/// What the rest of the service can see of the worker, and the metrics it
+/// keeps.
 #[derive(Debug, Default)]
 pub struct WorkerStatus {
     running: AtomicBool,
     paused: AtomicBool,
     calls: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl WorkerStatus {
+    /// A status whose worker records into these metrics.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        WorkerStatus {
+            metrics,
+            ..Default::default()
+        }
+    }
+
     /// `off` (no worker in this process), `running` or `paused` (Qualia
     /// refused the credentials).
     pub fn state(&self) -> &'static str {
@@ -169,15 +180,37 @@ impl Worker {
     #[tracing::instrument(name = "worker_step", skip(self), err)]
     pub async fn step(&mut self) -> Result<Step, StoreError> {
         let now = now_ms();
-        let claim = self
+        let claim = match self
             .store
             .claim_jobs(now, self.settings.lease, self.settings.batch_size)
-            .await?;
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.status.metrics.store_error("claim_jobs");
+                return Err(e);
+            }
+        };
         if claim.jobs.is_empty() {
             return Ok(Step::Idle);
         }
         self.status.calls.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let answer = self.client.messages().await;
+        let metrics = &self.status.metrics;
+        metrics
+            .qualia_call_duration
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &answer {
+            Ok(_) => "ok",
+            Err(e) => e.class(),
+        };
+        metrics
+            .qualia_calls
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
         let now = now_ms();
         let jobs = claim.jobs.len();
 
@@ -256,7 +289,29 @@ impl Worker {
                 (outcomes, Step::CallFailed { class, jobs, hold })
             }
         };
-        self.store.finish_jobs(&claim.token, now, outcomes).await?;
+        let counted = |o: &JobOutcome| match o {
+            JobOutcome::Done { .. } => "done",
+            JobOutcome::Retry { .. } => "retried",
+            JobOutcome::Dead { .. } => "dead",
+        };
+        let tally: Vec<&'static str> = outcomes.iter().map(counted).collect();
+        if let Err(e) = self.store.finish_jobs(&claim.token, now, outcomes).await {
+            self.status.metrics.store_error("finish_jobs");
+            return Err(e);
+        }
+        for outcome in tally {
+            self.status
+                .metrics
+                .jobs_finished
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.to_owned(),
+                })
+                .inc();
+        }
+        self.status
+            .metrics
+            .worker_paused
+            .set(i64::from(self.status.is_paused()));
         if let Step::Completed {
             done,
             retried,

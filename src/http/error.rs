@@ -5,9 +5,22 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::store::StoreError;
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable code, e.g. `invalid_notification`.
+    pub error: &'static str,
+    /// What went wrong, for a person.
+    pub detail: String,
+    /// The refused field, on a 422.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+}
 
 /// Seconds a client should wait before retrying after a 503.
 pub const RETRY_AFTER_SECS: u64 = 5;
@@ -104,14 +117,22 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut body = json!({ "error": self.code(), "detail": self.to_string() });
-        if let ApiError::Invalid { field, .. } = &self {
-            body["field"] = json!(field);
-        }
-        if let ApiError::Unavailable(e) = &self {
-            tracing::error!(error = %chain(e), "store unavailable");
-            body["detail"] = json!("the store cannot commit right now; retry later");
-        }
+        let field = match &self {
+            ApiError::Invalid { field, .. } => Some(*field),
+            _ => None,
+        };
+        let detail = match &self {
+            ApiError::Unavailable(e) => {
+                tracing::error!(error = %chain(e), "store unavailable");
+                "the store cannot commit right now; retry later".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = ErrorBody {
+            error: self.code(),
+            detail,
+            field,
+        };
         let mut res = (status, Json(body)).into_response();
         match self {
             ApiError::Unauthorized => {

@@ -12,20 +12,26 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::context::{IngestLog, RequestId, round2};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use crate::activity::{ActivityType, Notification, OrderId, ParseError};
+use crate::metrics::{ReasonLabel, TypeLabel};
 use crate::store::{NewActivity, QuarantineEntry, now_ms};
 
 /// How long a client may take to send its body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Serialize)]
+/// The answer to a stored (or recognised) notification.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct IngestAnswer {
+    /// Always `success`.
     pub status: &'static str,
+    /// The stored activity (the original's, for a redelivery).
     pub activity_id: String,
+    #[schema(value_type = String)]
     pub order_id: OrderId,
     pub activity_type: ActivityType,
     pub request_id: String,
@@ -33,6 +39,38 @@ pub struct IngestAnswer {
     pub response_time_ms: f64,
 }
 
+/// A Qualia activity notification, as Qualia sends it. Other fields are
+/// accepted and kept in the stored payload.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct NotificationBody {
+    /// One of the six activity types.
+    #[serde(rename = "type")]
+    pub activity_type: ActivityType,
+    /// Qualia order id (1 to 128 characters, no control characters).
+    pub order_id: String,
+    /// Human-readable sentence, at most 4096 characters.
+    pub description: Option<String>,
+    /// The message's id, on `message` notifications.
+    pub message_id: Option<String>,
+}
+
+/// `POST /webhook/activity`.
+#[utoipa::path(post, path = "/webhook/activity", tag = "webhook",
+    summary = "Receive one Qualia activity notification",
+    description = "Answered 200 only after the notification (and, for a message, its enrichment job) is durably stored.",
+    request_body(content = NotificationBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stored, or a recognised redelivery (`duplicate: true`)", body = IngestAnswer),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials; carries `WWW-Authenticate: Basic realm=\"qualia-webhook\"`", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within 30 s", body = ErrorBody),
+        (status = 413, description = "The body is larger than MAX_BODY_BYTES", body = ErrorBody),
+        (status = 415, description = "An explicit Content-Type that is not JSON", body = ErrorBody),
+        (status = 422, description = "JSON, but not a valid notification; `field` names the field", body = ErrorBody),
+        (status = 503, description = "The store cannot commit; carries `Retry-After`", body = ErrorBody),
+    ),
+    security(("webhook_basic" = [])))]
 pub async fn ingest(
     State(state): State<AppState>,
     Extension(RequestId(request_id)): Extension<RequestId>,
@@ -40,6 +78,23 @@ pub async fn ingest(
     body: Body,
 ) -> Response {
     let start = Instant::now();
+    let response = ingest_checked(&state, request_id, headers, body, start).await;
+    if response.status() != axum::http::StatusCode::UNAUTHORIZED {
+        state
+            .metrics
+            .ingest_duration
+            .observe(start.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn ingest_checked(
+    state: &AppState,
+    request_id: String,
+    headers: HeaderMap,
+    body: Body,
+    start: Instant,
+) -> Response {
     if !state.webhook_auth.allows(&headers) {
         return with_log(
             ApiError::Unauthorized.into_response(),
@@ -54,7 +109,7 @@ pub async fn ingest(
     let body = match read_body(&headers, body, state.max_body_bytes).await {
         Ok(b) => b,
         Err((err, partial)) => {
-            return refuse(&state, err, received_ms, &request_id, partial).await;
+            return refuse(state, err, received_ms, &request_id, partial).await;
         }
     };
     let notification = match Notification::parse(&body) {
@@ -64,7 +119,7 @@ pub async fn ingest(
                 ParseError::NotJson(d) => ApiError::BadJson(format!("body is not JSON: {d}")),
                 ParseError::Invalid { field, detail } => ApiError::Invalid { field, detail },
             };
-            return refuse(&state, err, received_ms, &request_id, body).await;
+            return refuse(state, err, received_ms, &request_id, body).await;
         }
     };
 
@@ -89,6 +144,14 @@ pub async fn ingest(
             if wakes_worker && !recorded.duplicate {
                 state.wake.notify_one();
             }
+            let label = TypeLabel {
+                r#type: activity_type.as_str().to_owned(),
+            };
+            if recorded.duplicate {
+                state.metrics.duplicates.get_or_create(&label).inc();
+            } else {
+                state.metrics.activities_stored.get_or_create(&label).inc();
+            }
             log.activity_id = Some(recorded.activity_id.clone());
             log.duplicate = Some(recorded.duplicate);
             let answer = IngestAnswer {
@@ -103,6 +166,7 @@ pub async fn ingest(
             with_log(Json(answer).into_response(), log)
         }
         Err(e) => {
+            state.metrics.store_error("record_activity");
             let err = ApiError::from(e);
             log.error = Some(err.code().to_owned());
             with_log(err.into_response(), log)
@@ -178,7 +242,15 @@ async fn refuse(
         reason: format!("{}: {err}", err.code()),
         body: body.to_vec(),
     };
+    state
+        .metrics
+        .quarantined
+        .get_or_create(&ReasonLabel {
+            reason: err.code().to_owned(),
+        })
+        .inc();
     if let Err(e) = state.store.quarantine(entry).await {
+        state.metrics.store_error("quarantine");
         tracing::error!(request_id, error = %super::error::chain(&e), "could not quarantine a refused body");
     }
     let log = IngestLog {

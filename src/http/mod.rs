@@ -1,14 +1,22 @@
-//! The HTTP surface: router, shared state, and the handlers by area.
+//! The HTTP surface: router, shared state, and the handlers by area. Routes
+//! and their OpenAPI description are registered together, so the document
+//! cannot miss a route.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
-
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use tokio::sync::Notify;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Settings;
+use crate::metrics::{HttpLabels, Metrics};
 use crate::store::Store;
 use crate::worker::WorkerStatus;
 
@@ -35,6 +43,11 @@ pub struct Inner {
     pub worker: Arc<WorkerStatus>,
     /// Wakes the worker when a job is recorded.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// Whether `/metrics` needs the read credentials.
+    pub metrics_auth: bool,
+    /// The OpenAPI document, rendered once.
+    pub openapi: String,
 }
 
 impl std::ops::Deref for AppState {
@@ -50,6 +63,7 @@ impl AppState {
         store: Arc<dyn Store>,
         worker: Arc<WorkerStatus>,
         wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         AppState(Arc::new(Inner {
             store,
@@ -59,21 +73,110 @@ impl AppState {
             dedup_window: settings.dedup_window,
             worker,
             wake,
+            metrics,
+            metrics_auth: settings.metrics_auth,
+            openapi: openapi_json().to_owned(),
         }))
     }
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "qualia-webhook",
+        description = "Receives Qualia Marketplace activity notifications, keeps every one durably, completes message details from Qualia's API, and serves it all back."
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "webhook", description = "What Qualia calls"),
+        (name = "read", description = "Stored activities and messages"),
+        (name = "jobs", description = "Message enrichment jobs"),
+        (name = "ops", description = "Health, readiness, metrics, this document"),
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let basic = |description: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some(description))
+                    .build(),
+            )
+        };
+        components.add_security_scheme(
+            "webhook_basic",
+            basic("WEBHOOK_USERNAME and WEBHOOK_PASSWORD (or WEBHOOK_PASSWORD_PREVIOUS)"),
+        );
+        components.add_security_scheme(
+            "read_basic",
+            basic("API_USERNAME and API_PASSWORD (default: the webhook credentials)"),
+        );
+    }
+}
+
+/// Every route with its description, apart from state and middleware.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(ingest::ingest))
+        .routes(routes!(read::order_messages))
+        .routes(routes!(read::order_activities))
+        .routes(routes!(read::recent_activities))
+        .routes(routes!(read::list_jobs))
+        .routes(routes!(read::retry_job))
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::ready))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi))
+}
+
+/// The OpenAPI document of every route the router serves.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+fn openapi_json() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| openapi_document().to_pretty_json().unwrap_or_default())
+}
+
+/// Counts requests by route (the matched pattern, not the raw path).
+async fn count_request(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = matched
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().to_string();
+    let res = next.run(req).await;
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            method,
+            status: res.status().as_u16(),
+        })
+        .inc();
+    res
+}
+
 /// The whole HTTP API, apart from any socket (tests can call it directly).
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/webhook/activity", post(ingest::ingest))
-        .route("/webhook/activity/{order_id}", get(read::order_messages))
-        .route("/orders/{order_id}/activities", get(read::order_activities))
-        .route("/activities", get(read::recent_activities))
-        .route("/jobs", get(read::list_jobs))
-        .route("/jobs/{job_id}/retry", post(read::retry_job))
-        .route("/health", get(ops::health))
-        .route("/ready", get(ops::ready))
+    let (routes, _) = api_routes().split_for_parts();
+    routes
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_request,
+        ))
         .fallback(ops::not_found)
         .with_state(state)
         .layer(axum::middleware::from_fn(context::request_context))

@@ -7,9 +7,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use crate::activity::{ActivityType, MessageId, OrderId};
 use crate::store::{
     ActivityQuery, ActivityRecord, Attachment, Enrichment, JobRecord, JobState, MessageRecord,
@@ -51,9 +52,11 @@ fn limit(raw: Option<&str>) -> Result<u32, ApiError> {
 }
 
 /// A stored message, in the field names of Qualia's `messages` query.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct MessageView {
+    #[schema(value_type = String)]
     pub order_id: OrderId,
+    #[schema(value_type = String)]
     pub message_id: MessageId,
     pub message_type: &'static str,
     pub order_number: Option<String>,
@@ -84,13 +87,16 @@ impl From<MessageRecord> for MessageView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MessagesParams {
+    /// Prefix of `message#{message_id}` to keep [default: `message`, all].
     message_type: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct MessagesAnswer {
+    #[schema(value_type = String)]
     pub order_id: OrderId,
     pub message_type: String,
     pub count: usize,
@@ -98,6 +104,16 @@ pub struct MessagesAnswer {
 }
 
 /// `GET /webhook/activity/{order_id}`: the original service's answer.
+#[utoipa::path(get, path = "/webhook/activity/{order_id}", tag = "read",
+    summary = "Stored messages of an order (the original service's answer shape)",
+    params(("order_id" = String, Path, description = "Qualia order id"), MessagesParams),
+    responses(
+        (status = 200, description = "The order's stored messages", body = MessagesAnswer),
+        (status = 400, description = "Invalid order id or query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong read credentials", body = ErrorBody),
+        (status = 503, description = "The store does not answer", body = ErrorBody),
+    ),
+    security(("read_basic" = [])))]
 pub async fn order_messages(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -128,12 +144,14 @@ pub async fn order_messages(
 }
 
 /// A stored activity.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ActivityView {
     pub activity_id: String,
+    #[schema(value_type = String)]
     pub order_id: OrderId,
     pub activity_type: ActivityType,
     pub description: String,
+    #[schema(value_type = Option<String>)]
     pub message_id: Option<MessageId>,
     pub received_at: String,
     pub timestamp: i64,
@@ -142,6 +160,7 @@ pub struct ActivityView {
     pub deliveries: u64,
     pub last_delivery_at: String,
     /// The notification exactly as received.
+    #[schema(value_type = Object)]
     pub payload: Box<RawValue>,
 }
 
@@ -167,14 +186,25 @@ impl From<ActivityRecord> for ActivityView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TimelineAnswer {
+    #[schema(value_type = String)]
     pub order_id: OrderId,
     pub count: usize,
     pub activities: Vec<ActivityView>,
 }
 
 /// `GET /orders/{order_id}/activities`: the order's timeline, in arrival order.
+#[utoipa::path(get, path = "/orders/{order_id}/activities", tag = "read",
+    summary = "An order's activities in arrival order, with enrichment state and deliveries",
+    params(("order_id" = String, Path, description = "Qualia order id")),
+    responses(
+        (status = 200, description = "The order's timeline", body = TimelineAnswer),
+        (status = 400, description = "Invalid order id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong read credentials", body = ErrorBody),
+        (status = 503, description = "The store does not answer", body = ErrorBody),
+    ),
+    security(("read_basic" = [])))]
 pub async fn order_activities(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -196,25 +226,25 @@ pub async fn order_activities(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RecentParams {
+    /// Only this activity type.
     #[serde(rename = "type")]
     activity_type: Option<String>,
+    /// Only activities received at or after this time: RFC 3339 or milliseconds since the epoch.
     since: Option<String>,
+    /// Page size, 1 to 500 [default: 50].
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct PageAnswer<T> {
+/// One page of recent activities, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActivitiesPage {
     pub count: usize,
     pub next_cursor: Option<String>,
-    #[serde(flatten)]
-    pub items: T,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Activities {
     pub activities: Vec<ActivityView>,
 }
 
@@ -236,11 +266,21 @@ fn parse_since(s: &str) -> Result<i64, ApiError> {
 }
 
 /// `GET /activities`: recent activities across orders, newest first.
+#[utoipa::path(get, path = "/activities", tag = "read",
+    summary = "Recent activities across orders, newest first",
+    params(RecentParams),
+    responses(
+        (status = 200, description = "One page of activities", body = ActivitiesPage),
+        (status = 400, description = "Invalid type, since, limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or wrong read credentials", body = ErrorBody),
+        (status = 503, description = "The store does not answer", body = ErrorBody),
+    ),
+    security(("read_basic" = [])))]
 pub async fn recent_activities(
     State(state): State<AppState>,
     headers: HeaderMap,
     params: Result<Query<RecentParams>, QueryRejection>,
-) -> Result<Json<PageAnswer<Activities>>, ApiError> {
+) -> Result<Json<ActivitiesPage>, ApiError> {
     authorize(&state, &headers)?;
     let p = query(params)?;
     let activity_type = p
@@ -269,19 +309,21 @@ pub async fn recent_activities(
         })
         .await?;
     let activities: Vec<ActivityView> = page.items.into_iter().map(ActivityView::from).collect();
-    Ok(Json(PageAnswer {
+    Ok(Json(ActivitiesPage {
         count: activities.len(),
         next_cursor: page.next_cursor,
-        items: Activities { activities },
+        activities,
     }))
 }
 
 /// An enrichment job.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobView {
     pub job_id: String,
     pub kind: String,
+    #[schema(value_type = String)]
     pub order_id: OrderId,
+    #[schema(value_type = Option<String>)]
     pub message_id: Option<MessageId>,
     pub activity_id: String,
     pub state: JobState,
@@ -312,25 +354,42 @@ impl From<JobRecord> for JobView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct JobsParams {
+    /// pending, done or dead [default: pending].
     state: Option<String>,
+    /// Page size, 1 to 500 [default: 50].
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Jobs {
+/// One page of jobs in one state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobsPage {
+    pub count: usize,
+    pub next_cursor: Option<String>,
     pub state: JobState,
     pub jobs: Vec<JobView>,
 }
 
 /// `GET /jobs?state=pending|dead|done`.
+#[utoipa::path(get, path = "/jobs", tag = "jobs",
+    summary = "Enrichment jobs in one state",
+    params(JobsParams),
+    responses(
+        (status = 200, description = "One page of jobs", body = JobsPage),
+        (status = 400, description = "Invalid state, limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or wrong read credentials", body = ErrorBody),
+        (status = 503, description = "The store does not answer", body = ErrorBody),
+    ),
+    security(("read_basic" = [])))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     headers: HeaderMap,
     params: Result<Query<JobsParams>, QueryRejection>,
-) -> Result<Json<PageAnswer<Jobs>>, ApiError> {
+) -> Result<Json<JobsPage>, ApiError> {
     authorize(&state, &headers)?;
     let p = query(params)?;
     let job_state = match p.state.as_deref().filter(|s| !s.is_empty()) {
@@ -348,17 +407,26 @@ pub async fn list_jobs(
         )
         .await?;
     let jobs: Vec<JobView> = page.items.into_iter().map(JobView::from).collect();
-    Ok(Json(PageAnswer {
+    Ok(Json(JobsPage {
         count: jobs.len(),
         next_cursor: page.next_cursor,
-        items: Jobs {
-            state: job_state,
-            jobs,
-        },
+        state: job_state,
+        jobs,
     }))
 }
 
 /// `POST /jobs/{job_id}/retry`: a dead job back to pending.
+#[utoipa::path(post, path = "/jobs/{job_id}/retry", tag = "jobs",
+    summary = "Put a dead job back to pending, due now, attempts reset",
+    params(("job_id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job, pending again", body = JobView),
+        (status = 401, description = "Missing or wrong read credentials", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is not dead", body = ErrorBody),
+        (status = 503, description = "The store does not answer", body = ErrorBody),
+    ),
+    security(("read_basic" = [])))]
 pub async fn retry_job(
     State(state): State<AppState>,
     headers: HeaderMap,

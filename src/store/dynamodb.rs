@@ -45,8 +45,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::{StreamExt, TryStreamExt, stream};
 
 use super::{
-    ActivityQuery, ActivityRecord, Attachment, Claim, Enrichment, JobOutcome, JobRecord, JobState,
-    MessageRecord, NewActivity, Page, QuarantineEntry, Recorded, Store, StoreError,
+    ActivityQuery, ActivityRecord, Attachment, Claim, Enrichment, JobCounts, JobOutcome, JobRecord,
+    JobState, MessageRecord, NewActivity, Page, QuarantineEntry, Recorded, Store, StoreError,
 };
 use crate::activity::{ActivityType, MessageId, OrderId};
 
@@ -1250,6 +1250,33 @@ impl Store for DynamoStore {
             }
         }
         Ok(count)
+    }
+
+    async fn job_counts(&self) -> Result<JobCounts, StoreError> {
+        let mut counts = JobCounts::default();
+        for (state, slot) in [("pending", &mut counts.pending), ("dead", &mut counts.dead)] {
+            let mut start = None;
+            loop {
+                let out = self
+                    .client
+                    .query()
+                    .table_name(&self.table)
+                    .index_name(INDEX)
+                    .key_condition_expression("GSI1PK = :pk")
+                    .expression_attribute_values(":pk", s(format!("JOBS#{state}")))
+                    .select(aws_sdk_dynamodb::types::Select::Count)
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                *slot += out.count.max(0) as u64;
+                match out.last_evaluated_key {
+                    Some(k) => start = Some(k),
+                    None => break,
+                }
+            }
+        }
+        Ok(counts)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

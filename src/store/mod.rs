@@ -45,7 +45,7 @@ impl StoreError {
 }
 
 /// How far a notification's details have been completed from Qualia.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Enrichment {
     /// Nothing to fetch for this type.
@@ -130,7 +130,7 @@ pub struct ActivityRecord {
 }
 
 /// One attachment of a message, in Qualia's shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Attachment {
     #[serde(rename = "_id")]
     pub id: String,
@@ -154,7 +154,7 @@ pub struct MessageRecord {
 }
 
 /// The life of an enrichment job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for its next attempt (or being worked on under a lease).
@@ -202,6 +202,13 @@ pub struct JobRecord {
     pub last_error: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+}
+
+/// Jobs waiting and given up, at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub pending: u64,
+    pub dead: u64,
 }
 
 /// Jobs claimed by one worker under one lease.
@@ -318,6 +325,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Puts every dead job back to pending; returns how many.
     async fn retry_dead_jobs(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// How many jobs are pending and dead (for metrics).
+    async fn job_counts(&self) -> Result<JobCounts, StoreError>;
 
     /// Answers when the store can be read and written.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -17,7 +17,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ActivityQuery, ActivityRecord, Claim, Enrichment, JobOutcome, JobRecord, JobState,
+    ActivityQuery, ActivityRecord, Claim, Enrichment, JobCounts, JobOutcome, JobRecord, JobState,
     MessageRecord, NewActivity, Page, QuarantineEntry, Recorded, Store, StoreError,
 };
 use crate::activity::{ActivityType, MessageId, OrderId};
@@ -903,6 +903,29 @@ impl Store for SqliteStore {
                 )?
                 .execute([now_ms])?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn job_counts(&self) -> Result<JobCounts, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT state, COUNT(*) FROM jobs WHERE state IN ('pending', 'dead') GROUP BY state",
+                )
+                .map_err(unavailable)?;
+            let mut counts = JobCounts::default();
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(unavailable)?;
+            for row in rows {
+                let (state, n) = row.map_err(unavailable)?;
+                match state.as_str() {
+                    "pending" => counts.pending = n as u64,
+                    _ => counts.dead = n as u64,
+                }
+            }
+            Ok(counts)
         })
         .await
     }

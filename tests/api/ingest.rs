@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use qualia_webhook::activity::{ActivityType, OrderId};
 use qualia_webhook::startup::Application;
 use qualia_webhook::store::{
-    self, ActivityQuery, ActivityRecord, Claim, JobOutcome, JobRecord, JobState, MessageRecord,
-    NewActivity, Page, QuarantineEntry, Recorded, Store, StoreError,
+    self, ActivityQuery, ActivityRecord, Claim, JobCounts, JobOutcome, JobRecord, JobState,
+    MessageRecord, NewActivity, Page, QuarantineEntry, Recorded, Store, StoreError,
 };
 use serde_json::{Value, json};
 
@@ -522,6 +522,9 @@ impl Store for FailingStore {
     }
     async fn retry_dead_jobs(&self, now: i64) -> Result<u64, StoreError> {
         self.inner.retry_dead_jobs(now).await
+    }
+    async fn job_counts(&self) -> Result<JobCounts, StoreError> {
+        self.inner.job_counts().await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {

@@ -8,3 +8,4 @@ mod qualia_client;
 mod read;
 mod replicas;
 mod store_contract;
+mod tools;

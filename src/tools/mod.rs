@@ -1,0 +1,4 @@
+//! The operator tools behind `check` and `fire`.
+
+pub mod check;
+pub mod fire;
