@@ -509,3 +509,27 @@ async fn the_openapi_document_covers_every_route() {
         );
     }
 }
+
+#[test]
+fn the_env_example_lists_every_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(dir.path())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.env.example")).unwrap();
+    let names: Vec<&str> = help
+        .split("[env: ")
+        .skip(1)
+        .map(|rest| rest.split(['=', ']']).next().unwrap_or(""))
+        .collect();
+    assert!(names.len() >= 25, "{names:?}");
+    for name in names {
+        assert!(
+            example.contains(&format!("{name}=")),
+            ".env.example lacks {name}"
+        );
+    }
+}
