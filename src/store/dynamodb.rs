@@ -172,6 +172,49 @@ fn decode_cursor(cursor: &str, index_partition: &str) -> Result<Item, StoreError
     Ok(map.into_iter().map(|(k, v)| (k, s(v))).collect())
 }
 
+/// The first `limit` of `items` (fetched as `limit + 1`) as a page, with a
+/// cursor after the last one when more followed.
+fn page_of<T>(
+    mut items: Vec<Item>,
+    limit: usize,
+    convert: fn(&Item) -> Result<T, StoreError>,
+) -> Result<Page<T>, StoreError> {
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().and_then(|last| {
+            let k: Item = ["PK", "SK", "GSI1PK", "GSI1SK"]
+                .iter()
+                .filter_map(|a| last.get(*a).map(|v| ((*a).to_owned(), v.clone())))
+                .collect();
+            encode_cursor(&k)
+        })
+    } else {
+        None
+    };
+    Ok(Page {
+        items: items.iter().map(convert).collect::<Result<_, _>>()?,
+        next_cursor,
+    })
+}
+
+/// `Ok(Some(output))`, `Ok(None)` when the write's condition did not hold
+/// (another worker was first, the state moved on), or the error.
+fn unless_condition_failed<T, E>(
+    result: Result<
+        T,
+        aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+    >,
+) -> Result<Option<T>, StoreError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match result {
+        Ok(out) => Ok(Some(out)),
+        Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(None),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 fn activity_from_item(item: &Item) -> Result<ActivityRecord, StoreError> {
     let type_s = req_s(item, "activityType")?;
     let enrichment_s = req_s(item, "enrichment")?;
@@ -283,6 +326,28 @@ pub async fn client() -> Client {
     Client::new(&config)
 }
 
+/// The attribute the table's TTL is on, `None` when TTL is off.
+async fn ttl_attribute(client: &Client, table: &str) -> Result<Option<String>, String> {
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot read the TTL of {table}: {}",
+                DisplayErrorContext(&e)
+            )
+        })?;
+    Ok(ttl.time_to_live_description().and_then(|d| {
+        let on = matches!(
+            d.time_to_live_status(),
+            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
+        );
+        d.attribute_name().filter(|_| on).map(str::to_owned)
+    }))
+}
+
 /// What is wrong with a table, if anything.
 pub async fn check_table(client: &Client, table: &str) -> Result<(), String> {
     let described = client
@@ -331,23 +396,7 @@ pub async fn check_table(client: &Client, table: &str) -> Result<(), String> {
              run `qualia-webhook table create --table {table}`"
         ));
     }
-    let ttl = client
-        .describe_time_to_live()
-        .table_name(table)
-        .send()
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot read the TTL of {table}: {}",
-                DisplayErrorContext(&e)
-            )
-        })?;
-    let ttl_ok = ttl.time_to_live_description().is_some_and(|d| {
-        matches!(
-            d.time_to_live_status(),
-            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
-        ) && d.attribute_name() == Some(TTL_ATTRIBUTE)
-    });
+    let ttl_ok = ttl_attribute(client, table).await?.as_deref() == Some(TTL_ATTRIBUTE);
     if !ttl_ok {
         return Err(format!(
             "table {table} has no TTL on {TTL_ATTRIBUTE}; expired dedup markers would stay \
@@ -430,23 +479,7 @@ pub async fn create_table(client: &Client, table: &str) -> Result<Vec<String>, S
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let ttl = client
-        .describe_time_to_live()
-        .table_name(table)
-        .send()
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot read the TTL of {table}: {}",
-                DisplayErrorContext(&e)
-            )
-        })?;
-    let enabled = ttl.time_to_live_description().is_some_and(|d| {
-        matches!(
-            d.time_to_live_status(),
-            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
-        )
-    });
+    let enabled = ttl_attribute(client, table).await?.is_some();
     if enabled {
         done.push(format!("TTL already on ({TTL_ATTRIBUTE})"));
     } else {
@@ -579,18 +612,10 @@ impl DynamoStore {
             .expression_attribute_values(":e", s(e.as_str()))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                tracing::warn!(job_id = %job.job_id, activity_id = %job.activity_id, "job's activity not found");
-                Ok(())
-            }
-            Err(err) => Err(unavailable(err)),
+        if unless_condition_failed(result)?.is_none() {
+            tracing::warn!(job_id = %job.job_id, activity_id = %job.activity_id, "job's activity not found");
         }
+        Ok(())
     }
 
     async fn finish_one(
@@ -656,13 +681,8 @@ impl DynamoStore {
                     )
                     .send()
                     .await;
-                match updated {
-                    Ok(_) => {}
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|se| se.is_conditional_check_failed_exception()) => {}
-                    Err(e) => return Err(unavailable(e)),
-                }
+                // Already done by another worker: the message is stored either way.
+                unless_condition_failed(updated)?;
                 self.set_enrichment(&job, Enrichment::Enriched).await
             }
             JobOutcome::Retry {
@@ -694,16 +714,8 @@ impl DynamoStore {
                     )
                     .send()
                     .await;
-                match result {
-                    Ok(_) => Ok(()),
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-                    {
-                        Ok(())
-                    }
-                    Err(e) => Err(unavailable(e)),
-                }
+                // The lease was lost: the job is another worker's now.
+                unless_condition_failed(result).map(|_| ())
             }
             JobOutcome::Dead { job, error } => {
                 let result = self
@@ -727,15 +739,9 @@ impl DynamoStore {
                     .expression_attribute_values(":gsk", s(format!("{}#{}", pad(now_ms), job.job_id)))
                     .send()
                     .await;
-                match result {
-                    Ok(_) => self.set_enrichment(&job, Enrichment::Failed).await,
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-                    {
-                        Ok(())
-                    }
-                    Err(e) => Err(unavailable(e)),
+                match unless_condition_failed(result)? {
+                    Some(_) => self.set_enrichment(&job, Enrichment::Failed).await,
+                    None => Ok(()), // the lease was lost
                 }
             }
         }
@@ -771,15 +777,9 @@ impl DynamoStore {
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
-        match result {
-            Ok(out) => out.attributes.as_ref().map(job_from_item).transpose(),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(unavailable(e)),
+        match unless_condition_failed(result)? {
+            Some(out) => out.attributes.as_ref().map(job_from_item).transpose(),
+            None => Ok(None),
         }
     }
 
@@ -804,8 +804,8 @@ impl DynamoStore {
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
-        match result {
-            Ok(out) => {
+        match unless_condition_failed(result)? {
+            Some(out) => {
                 let job = out
                     .attributes
                     .as_ref()
@@ -815,19 +815,13 @@ impl DynamoStore {
                 self.set_enrichment(&job, Enrichment::Pending).await?;
                 Ok(job)
             }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
-            {
-                match self.get(key(job_pk(job_id), "JOB")).await? {
-                    None => Err(StoreError::NotFound),
-                    Some(item) => Err(StoreError::Conflict(format!(
-                        "the job is {}, not dead",
-                        get_s(&item, "state").unwrap_or_default()
-                    ))),
-                }
-            }
-            Err(e) => Err(unavailable(e)),
+            None => match self.get(key(job_pk(job_id), "JOB")).await? {
+                None => Err(StoreError::NotFound),
+                Some(item) => Err(StoreError::Conflict(format!(
+                    "the job is {}, not dead",
+                    get_s(&item, "state").unwrap_or_default()
+                ))),
+            },
         }
     }
 }
@@ -1032,7 +1026,7 @@ impl Store for DynamoStore {
             .transpose()?;
         let limit = query.limit.max(1) as usize;
         let range = query.since_ms.map(|since| (">=", pad(since)));
-        let (mut items, _) = self
+        let (items, _) = self
             .query_index(
                 ACTIVITIES_PARTITION,
                 range,
@@ -1042,25 +1036,7 @@ impl Store for DynamoStore {
                 limit + 1,
             )
             .await?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().and_then(|last| {
-                let k: Item = ["PK", "SK", "GSI1PK", "GSI1SK"]
-                    .iter()
-                    .filter_map(|a| last.get(*a).map(|v| ((*a).to_owned(), v.clone())))
-                    .collect();
-                encode_cursor(&k)
-            })
-        } else {
-            None
-        };
-        Ok(Page {
-            items: items
-                .iter()
-                .map(activity_from_item)
-                .collect::<Result<_, _>>()?,
-            next_cursor,
-        })
+        page_of(items, limit, activity_from_item)
     }
 
     async fn order_messages(&self, order_id: &OrderId) -> Result<Vec<MessageRecord>, StoreError> {
@@ -1102,25 +1078,10 @@ impl Store for DynamoStore {
             .map(|c| decode_cursor(c, &partition))
             .transpose()?;
         let limit = limit.max(1) as usize;
-        let (mut items, _) = self
+        let (items, _) = self
             .query_index(&partition, None, true, None, start, limit + 1)
             .await?;
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().and_then(|last| {
-                let k: Item = ["PK", "SK", "GSI1PK", "GSI1SK"]
-                    .iter()
-                    .filter_map(|a| last.get(*a).map(|v| ((*a).to_owned(), v.clone())))
-                    .collect();
-                encode_cursor(&k)
-            })
-        } else {
-            None
-        };
-        Ok(Page {
-            items: items.iter().map(job_from_item).collect::<Result<_, _>>()?,
-            next_cursor,
-        })
+        page_of(items, limit, job_from_item)
     }
 
     async fn quarantined(&self, limit: u32) -> Result<Vec<QuarantineEntry>, StoreError> {

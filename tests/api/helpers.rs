@@ -7,7 +7,7 @@ use qualia_webhook::activity::ActivityType;
 use qualia_webhook::config::{Settings, StoreLocation};
 use qualia_webhook::startup::Application;
 use qualia_webhook::store::Store;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -137,27 +137,10 @@ pub fn new_id() -> String {
 }
 
 /// The sample notification of each type, as documented by Qualia, for a
-/// given order.
+/// given order (a fresh message id for a message): the same samples `fire`
+/// sends.
 pub fn sample(t: ActivityType, order_id: &str) -> Value {
-    let description = match t {
-        ActivityType::OrderRequest => {
-            "You've received an order for a Title Search Plus in San Francisco County, California."
-        }
-        ActivityType::OrderCancelled => "Boston Legal has cancelled order #TEST-2018-1.",
-        ActivityType::OrderCompleted => "Boston Legal has accepted order #TEST-2018-1.",
-        ActivityType::OrderRevisionRequested => {
-            "Boston Legal has requested a change on order #TEST-2018-1."
-        }
-        ActivityType::Message => "Marty McFly sent you a message.",
-        ActivityType::Documents => {
-            "Boston Legal has sent you additional documents on order #TEST-2018-1"
-        }
-    };
-    let mut v = json!({ "description": description, "type": t.as_str(), "order_id": order_id });
-    if t == ActivityType::Message {
-        v["message_id"] = json!(new_id());
-    }
-    v
+    qualia_webhook::tools::fire::sample(t, order_id)
 }
 
 /// `Basic base64(user:password)`.
