@@ -1,7 +1,9 @@
 //! Black-box tests: the real server on port 0 with a temporary store.
 
+mod crash;
 mod enrichment;
 mod helpers;
+mod hostile;
 mod ingest;
 mod process;
 mod qualia_client;
