@@ -341,6 +341,8 @@ pub const DEFAULT_STORE: &str = "sqlite://./data/qualia-webhook.db";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(600);
 pub const DEFAULT_QUARANTINE_MAX: u64 = 10_000;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the records are, as given.
 #[derive(Debug, Clone, Default, Args)]
@@ -486,6 +488,14 @@ pub struct SettingsArgs {
     /// Log format: json or pretty [default: json]; the level comes from RUST_LOG.
     #[arg(long, env = "LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// How long a client may take to send its request headers before it is
+    /// disconnected [default: 10s].
+    #[arg(long, env = "HEADER_TIMEOUT", value_name = "DURATION")]
+    pub header_timeout: Option<String>,
+    /// How long a client may take to send a notification's body before it is
+    /// answered 408 [default: 30s].
+    #[arg(long, env = "BODY_TIMEOUT", value_name = "DURATION")]
+    pub body_timeout: Option<String>,
     /// Require the read credentials on /metrics: true or false [default: false].
     #[arg(long, env = "METRICS_AUTH", value_name = "BOOL")]
     pub metrics_auth: Option<String>,
@@ -526,6 +536,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Whether `/metrics` needs the read credentials.
     pub metrics_auth: bool,
+    /// Disconnect clients that take longer to send their headers.
+    pub header_timeout: Duration,
+    /// Answer 408 to clients that take longer to send a body.
+    pub body_timeout: Duration,
     pub qualia: QualiaSettings,
     pub worker: WorkerSettings,
     /// Names of the settings that were not given and took their default.
@@ -704,6 +718,24 @@ impl Settings {
                 ));
             }
         };
+        let header_timeout = duration_setting(
+            &args.header_timeout,
+            "HEADER_TIMEOUT",
+            DEFAULT_HEADER_TIMEOUT,
+            &mut defaulted,
+        )?;
+        if header_timeout.is_zero() {
+            return Err(ConfigError::new("HEADER_TIMEOUT", "must be more than 0"));
+        }
+        let body_timeout = duration_setting(
+            &args.body_timeout,
+            "BODY_TIMEOUT",
+            DEFAULT_BODY_TIMEOUT,
+            &mut defaulted,
+        )?;
+        if body_timeout.is_zero() {
+            return Err(ConfigError::new("BODY_TIMEOUT", "must be more than 0"));
+        }
         let qualia = QualiaSettings::load(&args.qualia, &mut defaulted)?;
         let worker = WorkerSettings::load(&args.worker, &mut defaulted)?;
         if worker.lease <= qualia.timeout + Duration::from_secs(5) {
@@ -728,6 +760,8 @@ impl Settings {
             quarantine_max,
             log_format,
             metrics_auth,
+            header_timeout,
+            body_timeout,
             qualia,
             worker,
             defaulted,
@@ -752,6 +786,8 @@ impl Settings {
             quarantine_max: DEFAULT_QUARANTINE_MAX,
             log_format: LogFormat::Json,
             metrics_auth: false,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             qualia: QualiaSettings {
                 environment: QualiaEnvironment::Sandbox,
                 url: crate::qualia::SANDBOX_URL.to_owned(),

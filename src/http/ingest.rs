@@ -21,9 +21,6 @@ use crate::activity::{ActivityType, Notification, OrderId, ParseError};
 use crate::metrics::{ReasonLabel, TypeLabel};
 use crate::store::{NewActivity, QuarantineEntry, now_ms};
 
-/// How long a client may take to send its body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The answer to a stored (or recognised) notification.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IngestAnswer {
@@ -64,7 +61,7 @@ pub struct NotificationBody {
         (status = 200, description = "Stored, or a recognised redelivery (`duplicate: true`)", body = IngestAnswer),
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 401, description = "Missing or wrong credentials; carries `WWW-Authenticate: Basic realm=\"qualia-webhook\"`", body = ErrorBody),
-        (status = 408, description = "The body did not arrive within 30 s", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within BODY_TIMEOUT (default 30 s)", body = ErrorBody),
         (status = 413, description = "The body is larger than MAX_BODY_BYTES", body = ErrorBody),
         (status = 415, description = "An explicit Content-Type that is not JSON", body = ErrorBody),
         (status = 422, description = "JSON, but not a valid notification; `field` names the field", body = ErrorBody),
@@ -106,7 +103,7 @@ async fn ingest_checked(
     }
     let received_ms = now_ms();
 
-    let body = match read_body(&headers, body, state.max_body_bytes).await {
+    let body = match read_body(&headers, body, state.max_body_bytes, state.body_timeout).await {
         Ok(b) => b,
         Err((err, partial)) => {
             return refuse(state, err, received_ms, &request_id, partial).await;
@@ -185,11 +182,16 @@ async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    timeout: Duration,
 ) -> Result<Bytes, (ApiError, Bytes)> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("(not text)");
         if !is_json_content_type(ct) {
-            let body = read_limited(body, limit).await.unwrap_or_default();
+            let body = tokio::time::timeout(timeout, read_limited(body, limit))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
             return Err((ApiError::UnsupportedMediaType(ct.to_owned()), body));
         }
     }
@@ -200,7 +202,7 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err((ApiError::PayloadTooLarge { limit }, Bytes::new()));
     }
-    match tokio::time::timeout(BODY_TIMEOUT, read_limited(body, limit)).await {
+    match tokio::time::timeout(timeout, read_limited(body, limit)).await {
         Err(_) => Err((ApiError::Timeout, Bytes::new())),
         Ok(Err(TooLarge)) => Err((ApiError::PayloadTooLarge { limit }, Bytes::new())),
         Ok(Ok(b)) => Ok(b),

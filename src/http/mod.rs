@@ -38,6 +38,7 @@ pub struct Inner {
     pub webhook_auth: BasicAuth,
     pub api_auth: BasicAuth,
     pub max_body_bytes: usize,
+    pub body_timeout: Duration,
     pub dedup_window: Duration,
     /// The enrichment worker of this process, if any.
     pub worker: Arc<WorkerStatus>,
@@ -70,6 +71,7 @@ impl AppState {
             webhook_auth: BasicAuth::new(&settings.webhook),
             api_auth: BasicAuth::new(&settings.api),
             max_body_bytes: settings.max_body_bytes,
+            body_timeout: settings.body_timeout,
             dedup_window: settings.dedup_window,
             worker,
             wake,

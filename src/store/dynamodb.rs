@@ -21,10 +21,11 @@
 //! (`attribute_not_exists(PK) OR expiresAtMs <= :now`), with the activity id
 //! as client request token so that an SDK retry of a committed transaction
 //! is recognised. Job completion is an ordering of idempotent writes: the
-//! message is put (overwriting itself harmlessly), then the job is marked
-//! done, then the activity enriched; a crash between them leaves the job
-//! pending under a lease that runs out, and the next worker repeats the same
-//! writes.
+//! message is put (overwriting itself harmlessly), then the activity marked
+//! enriched, and the job marked done last; a crash between them leaves the
+//! job pending under a lease that runs out, and the next worker repeats the
+//! same writes. (The crash harness found the opposite order wrong: a kill
+//! between "job done" and "activity enriched" left the activity pending.)
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -660,6 +661,10 @@ impl DynamoStore {
                     .send()
                     .await
                     .map_err(unavailable)?;
+                // The activity before the job: the job is marked done last,
+                // so a crash anywhere before leaves it pending and it is
+                // repeated, never a done job beside a pending activity.
+                self.set_enrichment(&job, Enrichment::Enriched).await?;
                 let updated = self
                     .client
                     .update_item()
@@ -682,8 +687,7 @@ impl DynamoStore {
                     .send()
                     .await;
                 // Already done by another worker: the message is stored either way.
-                unless_condition_failed(updated)?;
-                self.set_enrichment(&job, Enrichment::Enriched).await
+                unless_condition_failed(updated).map(|_| ())
             }
             JobOutcome::Retry {
                 job,

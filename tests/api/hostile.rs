@@ -231,3 +231,125 @@ async fn the_endpoint_answers_only_expected_statuses_to_hostile_bodies() {
     let ready = app.client.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "the service is still fine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_slow_clients_are_cut_off_without_holding_up_others() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = Arc::new(
+        spawn_with(|s| {
+            s.header_timeout = Duration::from_millis(400);
+            s.body_timeout = Duration::from_millis(600);
+        })
+        .await,
+    );
+    // Twenty clients that never finish their headers...
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut c = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        c.write_all(b"POST /webhook/activity HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            .await
+            .unwrap();
+        stalled.push(c);
+    }
+    // ...and one that sends its body a byte at a time.
+    let auth = base64_basic(USER, PASSWORD);
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /webhook/activity HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let dripping = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        for _ in 0..20 {
+            if slow.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+
+    // Good traffic is served meanwhile, promptly.
+    let started = Instant::now();
+    for _ in 0..20 {
+        app.post_ok(&sample(
+            qualia_webhook::activity::ActivityType::Documents,
+            &new_id(),
+        ))
+        .await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "good traffic took {:?}",
+        started.elapsed()
+    );
+
+    // The stalled clients are disconnected after the header timeout.
+    for mut c in stalled {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+            "a stalled connection was left open"
+        );
+    }
+    let answer = dripping.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "slow body: {answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_bad_auth_requests_do_not_hold_up_good_traffic() {
+    use std::time::{Duration, Instant};
+
+    let app = Arc::new(spawn_app().await);
+    let mut attackers = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let app = Arc::clone(&app);
+        attackers.spawn(async move {
+            let mut unauthorized = 0;
+            for i in 0..125 {
+                let res = app
+                    .client
+                    .post(app.url("/webhook/activity"))
+                    .basic_auth(USER, Some(format!("guess-{t}-{i}")))
+                    .json(&json!({"type": "documents", "order_id": "x"}))
+                    .send()
+                    .await
+                    .unwrap();
+                if res.status() == 401 {
+                    unauthorized += 1;
+                }
+            }
+            unauthorized
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    for _ in 0..50 {
+        let t = Instant::now();
+        app.post_ok(&sample(
+            qualia_webhook::activity::ActivityType::OrderRequest,
+            &new_id(),
+        ))
+        .await;
+        slowest = slowest.max(t.elapsed());
+    }
+    let refused: i32 = attackers.join_all().await.iter().sum();
+    assert_eq!(refused, 1000, "every guess refused");
+    eprintln!("slowest good ack during 1,000 bad-auth requests: {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "slowest good ack {slowest:?}"
+    );
+    assert!(
+        app.store.quarantined(10).await.unwrap().is_empty(),
+        "nothing unauthenticated was kept"
+    );
+}
