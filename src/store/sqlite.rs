@@ -31,6 +31,12 @@ const READ_POOL: usize = 8;
 /// How long a connection waits for a lock held by another process.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
+/// When a write last failed, and why.
+type FailureLog = Arc<Mutex<Option<(std::time::Instant, String)>>>;
+
+/// How long after a failed write the store still reports itself not ready.
+const FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Schema migrations, applied in order; `PRAGMA user_version` counts them.
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE activities (
@@ -104,9 +110,9 @@ CREATE TABLE meta (
 
 /// One write waiting for the writer thread.
 trait WriteOp: Send {
-    /// Applies the write inside the current transaction; `false` if it failed
-    /// (its savepoint is then rolled back).
-    fn apply(&mut self, conn: &Connection) -> bool;
+    /// Applies the write inside the current transaction; the error if it
+    /// failed (its savepoint is then rolled back).
+    fn apply(&mut self, conn: &Connection) -> Result<(), String>;
     /// Answers the caller once the transaction holding the write has ended.
     fn finish(self: Box<Self>, commit: Result<(), StoreError>);
 }
@@ -122,14 +128,14 @@ where
     R: Send,
     F: FnOnce(&Connection) -> rusqlite::Result<R> + Send,
 {
-    fn apply(&mut self, conn: &Connection) -> bool {
+    fn apply(&mut self, conn: &Connection) -> Result<(), String> {
         let Some(f) = self.f.take() else {
-            return false;
+            return Err("applied twice".into());
         };
         let result = f(conn);
-        let ok = result.is_ok();
+        let outcome = result.as_ref().map(|_| ()).map_err(ToString::to_string);
         self.result = Some(result);
-        ok
+        outcome
     }
 
     fn finish(self: Box<Self>, commit: Result<(), StoreError>) {
@@ -148,6 +154,8 @@ pub struct SqliteStore {
     writes: Mutex<Option<mpsc::Sender<Box<dyn WriteOp>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// When a write last failed, and why (for readiness).
+    last_failure: FailureLog,
     quarantine_max: u64,
 }
 
@@ -235,9 +243,13 @@ impl SqliteStore {
         .map_err(|e| open_error(&path, e))??;
 
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let last_failure: FailureLog = Arc::new(Mutex::new(None));
         let writer = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run_writer(conn, rx))
+            .spawn({
+                let failures = Arc::clone(&last_failure);
+                move || run_writer(conn, rx, failures)
+            })
             .map_err(|e| open_error(&path, e))?;
 
         Ok(SqliteStore {
@@ -245,6 +257,7 @@ impl SqliteStore {
             writes: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            last_failure,
             quarantine_max,
         })
     }
@@ -307,7 +320,7 @@ impl SqliteStore {
 }
 
 /// The writer thread: one transaction per batch of queued writes.
-fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
+fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, failures: FailureLog) {
     let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(MAX_BATCH);
     let mut last_sweep_ms = 0i64;
     while let Some(first) = rx.blocking_recv() {
@@ -318,7 +331,11 @@ fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
                 Err(_) => break,
             }
         }
-        apply_batch(&conn, &mut batch);
+        if let Err(msg) = apply_batch(&conn, &mut batch)
+            && let Ok(mut f) = failures.lock()
+        {
+            *f = Some((std::time::Instant::now(), msg));
+        }
 
         let now = super::now_ms();
         if now - last_sweep_ms > 60_000 {
@@ -341,7 +358,8 @@ fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
 
 /// Applies a batch in one transaction, each write in its own savepoint, and
 /// answers every write with the commit's outcome.
-fn apply_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) {
+/// Returns the last failure of the batch, if a write or the commit failed.
+fn apply_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) -> Result<(), String> {
     let fail_all = |ops: &mut dyn Iterator<Item = Box<dyn WriteOp>>, msg: &str| {
         for op in ops {
             op.finish(Err(StoreError::unavailable(format!(
@@ -352,8 +370,9 @@ fn apply_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         tracing::error!(error = %e, writes = batch.len(), "store cannot begin a transaction");
         fail_all(&mut batch.drain(..), &e.to_string());
-        return;
+        return Err(e.to_string());
     }
+    let mut op_failure: Option<String> = None;
     let mut applied: Vec<Box<dyn WriteOp>> = Vec::with_capacity(batch.len());
     let mut aborted: Option<String> = None;
     let mut pending = batch.drain(..);
@@ -363,7 +382,11 @@ fn apply_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) {
             applied.push(op);
             break;
         }
-        let ok = op.apply(conn);
+        let applied_ok = op.apply(conn);
+        let ok = applied_ok.is_ok();
+        if let Err(msg) = applied_ok {
+            op_failure = Some(msg);
+        }
         applied.push(op);
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back (disk full, I/O error):
@@ -388,13 +411,17 @@ fn apply_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) {
         None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
     };
     match outcome {
-        Ok(()) => applied.into_iter().for_each(|op| op.finish(Ok(()))),
+        Ok(()) => {
+            applied.into_iter().for_each(|op| op.finish(Ok(())));
+            op_failure.map_or(Ok(()), Err)
+        }
         Err(msg) => {
             if !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
             }
             tracing::error!(error = %msg, writes = applied.len() + rest.len(), "store commit failed");
             fail_all(&mut applied.into_iter().chain(rest), &msg);
+            Err(msg)
         }
     }
 }
@@ -931,10 +958,27 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        // The writer answers only if it is alive and can open a transaction;
-        // a read checks the file.
+        let recent = self
+            .last_failure
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .filter(|(at, _)| at.elapsed() < FAILURE_MEMORY);
+        if let Some((at, msg)) = recent {
+            return Err(StoreError::unavailable(format!(
+                "a write failed {:.1} s ago: {msg}",
+                at.elapsed().as_secs_f64()
+            )));
+        }
+        // A real, committed write: the writer is alive and the disk takes
+        // writes (a full disk or a read-only file fails here, as ingest
+        // would); a read checks the file.
         self.write(|conn| {
-            conn.prepare_cached("SELECT 1")?.query_row([], |_| Ok(()))?;
+            conn.prepare_cached(
+                "INSERT INTO meta(key, value) VALUES ('ping_ms', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute([super::now_ms().to_string()])?;
             Ok(())
         })
         .await?;

@@ -5,6 +5,7 @@ mod enrichment;
 mod helpers;
 mod hostile;
 mod ingest;
+mod outage;
 mod process;
 mod qualia_client;
 mod read;
