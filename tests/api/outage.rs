@@ -142,3 +142,173 @@ async fn a_full_disk_gives_503_never_200_and_recovers_with_nothing_lost() {
     app.stop().await;
     drop(disk);
 }
+
+/// A DynamoDB emulator of this test's own, which it can pause.
+struct Emulator {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Emulator {
+    fn start() -> Option<Self> {
+        let python = std::env::var("QW_MOTO_PYTHON").ok()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/dynamodb-server.py"
+            ))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(Emulator {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill {sig}");
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamodb_outage_gives_503_and_recovers_with_nothing_lost() {
+    if !dynamodb_enabled() {
+        return;
+    }
+    let Some(emulator) = Emulator::start() else {
+        panic!(
+            "QW_TEST_DYNAMODB is set but the test's own emulator did not start (QW_MOTO_PYTHON)"
+        );
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("AWS_ENDPOINT_URL", emulator.url.as_str()),
+        ("DYNAMODB_ATTEMPT_TIMEOUT", "1s"),
+        ("STORE", "dynamodb://outage"),
+        ("WORKER_POLL_INTERVAL", "200ms"),
+    ];
+    let mut create = crate::process::command(dir.path());
+    create.args(["table", "create", "--table", "outage"]);
+    for (k, v) in env {
+        create.env(k, v);
+    }
+    let created = create.output().unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let server = crate::process::start_server(dir.path(), &env);
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+    let post = |order: String| {
+        let client = client.clone();
+        let url = format!("{base}/webhook/activity");
+        async move {
+            client
+                .post(url)
+                .basic_auth(USER, Some(PASSWORD))
+                .json(&json!({"type": "order_request", "order_id": order, "description": "outage"}))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+        }
+    };
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let order = format!("before{i}");
+        let res = post(order.clone()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        acked.push(order);
+    }
+
+    // The store stops answering.
+    emulator.signal("-STOP");
+    let mut refused = 0;
+    let mut i = 0;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(8) {
+        i += 1;
+        let order = format!("during{i}");
+        let res = post(order.clone()).await.unwrap();
+        match res.status().as_u16() {
+            503 => {
+                assert!(res.headers().contains_key("retry-after"));
+                refused += 1;
+            }
+            200 => acked.push(order),
+            other => panic!("unexpected {other} during the outage"),
+        }
+    }
+    assert!(refused >= 2, "{refused} refusals during the outage");
+    let ready = client.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "/ready reports the outage");
+
+    // The store is back: ingest and readiness recover by themselves.
+    emulator.signal("-CONT");
+    let back = Instant::now();
+    let mut recovered = None;
+    for i in 0..200 {
+        let order = format!("after{i}");
+        let res = post(order.clone()).await.unwrap();
+        if res.status() == 200 {
+            acked.push(order);
+            recovered.get_or_insert(back.elapsed());
+            if i > 10 {
+                break;
+            }
+        }
+    }
+    let recovered = recovered.expect("ingest recovered");
+    eventually(Duration::from_secs(20), "/ready back", || async {
+        client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    eprintln!(
+        "outage (DynamoDB paused 8 s): {} acked, {refused} answered 503, ingest recovered {recovered:?} after the store came back",
+        acked.len()
+    );
+    for order in &acked {
+        let v: serde_json::Value = client
+            .get(format!("{base}/orders/{order}/activities"))
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["count"], 1, "{order} lost or doubled");
+    }
+    server.terminate();
+}
