@@ -2,6 +2,7 @@
 
 mod crash;
 mod enrichment;
+mod fault_matrix;
 mod helpers;
 mod hostile;
 mod ingest;
