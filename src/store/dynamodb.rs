@@ -598,6 +598,41 @@ impl DynamoStore {
         }
     }
 
+    /// Every item of one partition (optionally with a sort-key prefix),
+    /// strongly consistent, following every page.
+    async fn query_partition<T>(
+        &self,
+        pk: String,
+        sk_prefix: Option<&str>,
+        convert: fn(&Item) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .consistent_read(true)
+                .set_exclusive_start_key(start);
+            q = match sk_prefix {
+                None => q.key_condition_expression("PK = :pk"),
+                Some(prefix) => q
+                    .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+                    .expression_attribute_values(":prefix", s(prefix)),
+            };
+            let page = q.send().await.map_err(unavailable)?;
+            for item in page.items() {
+                out.push(convert(item)?);
+            }
+            match page.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => return Ok(out),
+            }
+        }
+    }
+
     /// Updates the enrichment state of a job's activity.
     async fn set_enrichment(&self, job: &JobRecord, e: Enrichment) -> Result<(), StoreError> {
         let result = self
@@ -992,28 +1027,9 @@ impl Store for DynamoStore {
         &self,
         order_id: &OrderId,
     ) -> Result<Vec<ActivityRecord>, StoreError> {
-        let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk")
-                .expression_attribute_values(":pk", s(activity_pk(order_id.as_ref())))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(unavailable)?;
-            for item in page.items() {
-                out.push(activity_from_item(item)?);
-            }
-            match page.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
-        }
+        let mut out = self
+            .query_partition(activity_pk(order_id.as_ref()), None, activity_from_item)
+            .await?;
         // The sort key starts with the type; the timeline is by arrival.
         out.sort_by(|a, b| (a.received_ms, &a.activity_id).cmp(&(b.received_ms, &b.activity_id)));
         Ok(out)
@@ -1044,29 +1060,13 @@ impl Store for DynamoStore {
     }
 
     async fn order_messages(&self, order_id: &OrderId) -> Result<Vec<MessageRecord>, StoreError> {
-        let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-                .expression_attribute_values(":pk", s(format!("MESSAGE#{order_id}")))
-                .expression_attribute_values(":prefix", s("message#"))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(unavailable)?;
-            for item in page.items() {
-                out.push(message_from_item(item)?);
-            }
-            match page.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
-        }
+        let out = self
+            .query_partition(
+                format!("MESSAGE#{order_id}"),
+                Some("message#"),
+                message_from_item,
+            )
+            .await?;
         Ok(out)
     }
 
