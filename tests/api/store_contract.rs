@@ -647,8 +647,9 @@ pub async fn ping_answers(s: Arc<dyn Store>) {
     s.ping().await.unwrap();
 }
 
+/// One module of tests per backend, each running every case of the list.
 macro_rules! contract {
-    ($backend:ident, $open:ident: $($case:ident),* $(,)?) => {
+    (@backend $backend:ident, $open:ident, ($($case:ident),*)) => {
         mod $backend {
             $(
                 #[tokio::test]
@@ -669,38 +670,27 @@ macro_rules! contract {
             }
         }
     };
+    ([$($backend:ident => $open:ident),+ $(,)?] $cases:tt) => {
+        $( contract!(@backend $backend, $open, $cases); )+
+    };
 }
 
-contract!(sqlite, open_sqlite:
-    records_and_reads_back_in_arrival_order,
-    message_dedup_lasts_forever,
-    other_dedup_holds_inside_the_window_only,
-    a_zero_window_stores_every_delivery,
-    jobs_are_created_with_message_activities_only,
-    job_listing_pages,
-    recent_activities_page_and_filter,
-    quarantine_is_bounded_newest_first,
-    concurrent_records_are_all_kept_once,
-    claims_respect_due_time_and_leases,
-    done_jobs_store_the_message_once_and_enrich,
-    retries_count_attempts_and_reschedule,
-    dead_jobs_fail_the_activity_and_can_be_retried,
-    ping_answers,
-);
-
-contract!(dynamodb, open_dynamodb:
-    records_and_reads_back_in_arrival_order,
-    message_dedup_lasts_forever,
-    other_dedup_holds_inside_the_window_only,
-    a_zero_window_stores_every_delivery,
-    jobs_are_created_with_message_activities_only,
-    job_listing_pages,
-    recent_activities_page_and_filter,
-    quarantine_is_bounded_newest_first,
-    concurrent_records_are_all_kept_once,
-    claims_respect_due_time_and_leases,
-    done_jobs_store_the_message_once_and_enrich,
-    retries_count_attempts_and_reschedule,
-    dead_jobs_fail_the_activity_and_can_be_retried,
-    ping_answers,
+contract!(
+    [sqlite => open_sqlite, dynamodb => open_dynamodb]
+    (
+        records_and_reads_back_in_arrival_order,
+        message_dedup_lasts_forever,
+        other_dedup_holds_inside_the_window_only,
+        a_zero_window_stores_every_delivery,
+        jobs_are_created_with_message_activities_only,
+        job_listing_pages,
+        recent_activities_page_and_filter,
+        quarantine_is_bounded_newest_first,
+        concurrent_records_are_all_kept_once,
+        claims_respect_due_time_and_leases,
+        done_jobs_store_the_message_once_and_enrich,
+        retries_count_attempts_and_reschedule,
+        dead_jobs_fail_the_activity_and_can_be_retried,
+        ping_answers
+    )
 );
