@@ -342,6 +342,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(600);
 pub const DEFAULT_QUARANTINE_MAX: u64 = 10_000;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the records are, as given.
@@ -496,6 +497,11 @@ pub struct SettingsArgs {
     /// answered 408 [default: 30s].
     #[arg(long, env = "BODY_TIMEOUT", value_name = "DURATION")]
     pub body_timeout: Option<String>,
+    /// Most connections served at once; more wait in the listen queue, so
+    /// overload costs latency, never memory or a refused notification
+    /// [default: 1024].
+    #[arg(long, env = "MAX_CONNECTIONS", value_name = "COUNT")]
+    pub max_connections: Option<String>,
     /// Require the read credentials on /metrics: true or false [default: false].
     #[arg(long, env = "METRICS_AUTH", value_name = "BOOL")]
     pub metrics_auth: Option<String>,
@@ -540,6 +546,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Answer 408 to clients that take longer to send a body.
     pub body_timeout: Duration,
+    /// Most connections served at once.
+    pub max_connections: u32,
     pub qualia: QualiaSettings,
     pub worker: WorkerSettings,
     /// Names of the settings that were not given and took their default.
@@ -736,6 +744,13 @@ impl Settings {
         if body_timeout.is_zero() {
             return Err(ConfigError::new("BODY_TIMEOUT", "must be more than 0"));
         }
+        let max_connections = count_setting(
+            &args.max_connections,
+            "MAX_CONNECTIONS",
+            DEFAULT_MAX_CONNECTIONS,
+            1..=1_000_000,
+            &mut defaulted,
+        )?;
         let qualia = QualiaSettings::load(&args.qualia, &mut defaulted)?;
         let worker = WorkerSettings::load(&args.worker, &mut defaulted)?;
         if worker.lease <= qualia.timeout + Duration::from_secs(5) {
@@ -762,6 +777,7 @@ impl Settings {
             metrics_auth,
             header_timeout,
             body_timeout,
+            max_connections,
             qualia,
             worker,
             defaulted,
@@ -788,6 +804,7 @@ impl Settings {
             metrics_auth: false,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             qualia: QualiaSettings {
                 environment: QualiaEnvironment::Sandbox,
                 url: crate::qualia::SANDBOX_URL.to_owned(),

@@ -3,12 +3,12 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use crate::config::Settings;
+use crate::http::serve::{ServeOptions, serve};
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::qualia::QualiaClient;
@@ -22,66 +22,7 @@ pub struct Application {
     state: AppState,
     store: Arc<dyn Store>,
     worker: Option<Worker>,
-    header_timeout: Duration,
-}
-
-/// How long in-flight requests get to finish once shutdown begins.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
-/// accepting and lets open connections finish their requests (at most
-/// `DRAIN_TIMEOUT`). A client that does not finish sending its request
-/// headers within `header_timeout` is disconnected, so slow or stalled
-/// clients cannot hold connections open.
-async fn serve_http(
-    listener: TcpListener,
-    app: axum::Router,
-    header_timeout: Duration,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::server::graceful::GracefulShutdown;
-    use hyper_util::service::TowerToHyperService;
-
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true);
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
-                let connection = http.serve_connection(TokioIo::new(stream), service);
-                let watched = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = watched.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => {
-            tracing::warn!("connections still open after {}s; stopping anyway", DRAIN_TIMEOUT.as_secs());
-        }
-    }
-    Ok(())
+    serve_options: ServeOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +77,10 @@ impl Application {
             state,
             store,
             worker,
-            header_timeout: settings.header_timeout,
+            serve_options: ServeOptions {
+                header_timeout: settings.header_timeout,
+                max_connections: settings.max_connections as usize,
+            },
         })
     }
 
@@ -157,7 +101,7 @@ impl Application {
         let (stop_worker, worker_stopped) = watch::channel(false);
         let worker = self.worker.map(|w| tokio::spawn(w.run(worker_stopped)));
         let app = router(self.state);
-        let served = serve_http(self.listener, app, self.header_timeout, shutdown).await;
+        let served = serve(self.listener, app, self.serve_options, shutdown).await;
         let _ = stop_worker.send(true);
         if let Some(w) = worker {
             let _ = w.await;

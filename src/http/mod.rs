@@ -26,6 +26,7 @@ pub mod error;
 pub mod ingest;
 pub mod ops;
 pub mod read;
+pub mod serve;
 
 use auth::BasicAuth;
 

@@ -353,3 +353,44 @@ async fn a_thousand_bad_auth_requests_do_not_hold_up_good_traffic() {
         "nothing unauthenticated was kept"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_client_waits_its_turn_and_is_then_served() {
+    use std::time::Duration;
+
+    let app = spawn_with(|s| s.max_connections = 2).await;
+    let body = sample(
+        qualia_webhook::activity::ActivityType::OrderRequest,
+        &new_id(),
+    );
+    // Two connections take both slots (and send nothing yet).
+    let holders = [
+        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(app.addr).await.unwrap(),
+    ];
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .post(app.url("/webhook/activity"))
+            .basic_auth(USER, Some(PASSWORD))
+            .json(&body)
+            .send()
+    };
+    // A third waits in the listen queue: no answer, no refusal.
+    let waited = tokio::time::timeout(Duration::from_millis(700), send()).await;
+    assert!(waited.is_err(), "answered past the limit: {waited:?}");
+    // Once a slot is free, it is served.
+    drop(holders);
+    let res = tokio::time::timeout(Duration::from_secs(5), send())
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let stored = app
+        .get_json(&format!(
+            "/orders/{}/activities",
+            body["order_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(stored["count"], 1, "{stored}");
+}
