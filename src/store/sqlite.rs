@@ -2,11 +2,24 @@
 //!
 //! Writes go through one writer thread that owns the only write connection.
 //! It takes every write waiting in its queue, applies each in its own
-//! savepoint inside one transaction, commits once (one fsync, WAL with
-//! `synchronous=FULL`), and only then answers each caller: group commit.
-//! Under load, many requests share one fsync; alone, a request waits for
-//! exactly one commit. Reads use a small pool of read-only connections, which
-//! WAL lets run beside the writer.
+//! savepoint inside one transaction and commits once: group commit. The
+//! commit puts the transaction in the write-ahead log (WAL); a second thread,
+//! the syncer, then flushes the WAL to the disk (`fdatasync`) and only after
+//! that answers the callers of every transaction the flush covered. So the
+//! writer applies the next batch while the disk is still flushing the last
+//! one, many requests share one flush, and no caller hears "stored" before its
+//! notification is on the disk. (This is what `synchronous=FULL` promises,
+//! with the flush moved off the writer: the connection runs with
+//! `synchronous=NORMAL`, under which SQLite still syncs the WAL before every
+//! checkpoint and the database file after it, so a transaction that leaves the
+//! WAL is durable in the database file first.)
+//!
+//! If a flush fails, the disk may have dropped written pages, so the store
+//! refuses every later write (503, `/ready` fails) until the process is
+//! restarted and SQLite recovers the file.
+//!
+//! Reads use a small pool of read-only connections, which WAL lets run beside
+//! the writer.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -111,14 +124,15 @@ CREATE TABLE meta (
 /// One write waiting for the writer thread.
 trait WriteOp: Send {
     /// Applies the write inside the current transaction; the error if it
-    /// failed (its savepoint is then rolled back).
+    /// failed. May be called again in a later transaction if the first one
+    /// was undone.
     fn apply(&mut self, conn: &Connection) -> Result<(), String>;
     /// Answers the caller once the transaction holding the write has ended.
     fn finish(self: Box<Self>, commit: Result<(), StoreError>);
 }
 
 struct Op<R, F> {
-    f: Option<F>,
+    f: F,
     result: Option<rusqlite::Result<R>>,
     reply: oneshot::Sender<Result<R, StoreError>>,
 }
@@ -126,13 +140,10 @@ struct Op<R, F> {
 impl<R, F> WriteOp for Op<R, F>
 where
     R: Send,
-    F: FnOnce(&Connection) -> rusqlite::Result<R> + Send,
+    F: FnMut(&Connection) -> rusqlite::Result<R> + Send,
 {
     fn apply(&mut self, conn: &Connection) -> Result<(), String> {
-        let Some(f) = self.f.take() else {
-            return Err("applied twice".into());
-        };
-        let result = f(conn);
+        let result = (self.f)(conn);
         let outcome = result.as_ref().map(|_| ()).map_err(ToString::to_string);
         self.result = Some(result);
         outcome
@@ -184,8 +195,10 @@ fn open_writer(path: &Path) -> rusqlite::Result<Connection> {
             "journal_mode is {mode}, WAL is required"
         )));
     }
-    // FULL: the WAL is synced at every commit, so a commit survives a power cut.
-    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+    // NORMAL: a commit writes the WAL without syncing it; the syncer thread
+    // syncs it before any caller is answered (see the module's comment).
+    // Checkpoints still sync the WAL before and the database after.
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=OFF;")?;
     Ok(conn)
 }
 
@@ -229,18 +242,22 @@ impl SqliteStore {
     pub async fn open(path: &Path, quarantine_max: u64) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         let p = path.clone();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
-            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    open_error(&p, format!("cannot create folder {}: {e}", dir.display()))
-                })?;
-            }
-            let mut conn = open_writer(&p).map_err(|e| open_error(&p, e))?;
-            migrate(&mut conn).map_err(|e| open_error(&p, e))?;
-            Ok(conn)
-        })
-        .await
-        .map_err(|e| open_error(&path, e))??;
+        let (conn, wal) =
+            tokio::task::spawn_blocking(move || -> Result<(Connection, WalFile), StoreError> {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        open_error(&p, format!("cannot create folder {}: {e}", dir.display()))
+                    })?;
+                }
+                let mut conn = open_writer(&p).map_err(|e| open_error(&p, e))?;
+                migrate(&mut conn).map_err(|e| open_error(&p, e))?;
+                // The migration's write created the WAL; make it durable too.
+                let mut wal = WalFile::open(&p).map_err(|e| open_error(&p, e))?;
+                wal.sync().map_err(|e| open_error(&p, e))?;
+                Ok((conn, wal))
+            })
+            .await
+            .map_err(|e| open_error(&path, e))??;
 
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let last_failure: FailureLog = Arc::new(Mutex::new(None));
@@ -248,7 +265,7 @@ impl SqliteStore {
             .name("sqlite-writer".into())
             .spawn({
                 let failures = Arc::clone(&last_failure);
-                move || run_writer(conn, rx, failures)
+                move || run_writer(conn, wal, rx, failures)
             })
             .map_err(|e| open_error(&path, e))?;
 
@@ -270,7 +287,7 @@ impl SqliteStore {
     async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        F: FnMut(&Connection) -> rusqlite::Result<R> + Send + 'static,
     {
         let sender = self
             .writes
@@ -280,7 +297,7 @@ impl SqliteStore {
             .ok_or_else(|| StoreError::unavailable("store is closed"))?;
         let (reply, rx) = oneshot::channel::<Result<R, StoreError>>();
         let op: Box<dyn WriteOp> = Box::new(Op {
-            f: Some(f),
+            f,
             result: None,
             reply,
         });
@@ -319,22 +336,114 @@ impl SqliteStore {
     }
 }
 
-/// The writer thread: one transaction per batch of queued writes.
-fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, failures: FailureLog) {
-    let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(MAX_BATCH);
+/// The WAL file, held open to flush it. SQLite keeps the same file for as
+/// long as a connection is open; should it ever be replaced (only after a
+/// complete checkpoint, which syncs the database file), the new one is opened.
+struct WalFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl WalFile {
+    fn open(db: &Path) -> std::io::Result<Self> {
+        let mut path = db.as_os_str().to_owned();
+        path.push("-wal");
+        let path = PathBuf::from(path);
+        let file = std::fs::File::open(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Ok(WalFile { path, file })
+    }
+
+    /// Flushes everything written to the WAL so far to the disk.
+    fn sync(&mut self) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
+            if current.is_some() && current != self.file.metadata().map(|m| m.ino()).ok() {
+                self.file = std::fs::File::open(&self.path)?;
+            }
+        }
+        self.file.sync_data()
+    }
+}
+
+/// Set once a flush has failed: every later write is refused with this.
+type Broken = Arc<std::sync::OnceLock<String>>;
+
+/// Whether the syncer is flushing; the writer keeps its transaction open
+/// (taking in more writes) until it is not, so each flush covers as many
+/// writes as arrived during the previous one.
+struct SyncerState {
+    busy: std::sync::atomic::AtomicBool,
+    writer: std::thread::Thread,
+}
+
+/// How long the writer sleeps between looks at its queue while the syncer is
+/// flushing (the syncer also wakes it when done).
+const SYNC_WAIT_POLL: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// The writer thread: applies queued writes in a transaction, commits it when
+/// the syncer is free, and hands the committed writes to the syncer.
+fn run_writer(
+    conn: Connection,
+    wal: WalFile,
+    mut rx: mpsc::Receiver<Box<dyn WriteOp>>,
+    failures: FailureLog,
+) {
+    use std::sync::atomic::Ordering;
+
+    let broken: Broken = Arc::default();
+    let state = Arc::new(SyncerState {
+        busy: false.into(),
+        writer: std::thread::current(),
+    });
+    let (synced_tx, synced_rx) = std::sync::mpsc::channel::<Vec<Box<dyn WriteOp>>>();
+    let syncer = std::thread::Builder::new()
+        .name("sqlite-syncer".into())
+        .spawn({
+            let (broken, failures, state) = (
+                Arc::clone(&broken),
+                Arc::clone(&failures),
+                Arc::clone(&state),
+            );
+            move || run_syncer(wal, synced_rx, broken, failures, state)
+        });
+    let syncer = match syncer {
+        Ok(handle) => handle,
+        Err(e) => {
+            let msg = format!("cannot start the WAL syncer thread: {e}");
+            tracing::error!(error = %msg, "store cannot take writes");
+            while let Some(op) = rx.blocking_recv() {
+                op.finish(Err(StoreError::unavailable(msg.clone())));
+            }
+            return;
+        }
+    };
+
     let mut last_sweep_ms = 0i64;
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+        if let Some(msg) = broken.get() {
+            first.finish(Err(StoreError::unavailable(msg.clone())));
+            continue;
+        }
+        let mut batch = Batch::begin(&conn, first);
+        // Take in every write that arrives until the syncer is free.
+        while batch.open() {
             match rx.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => batch.apply(&conn, op),
+                Err(_) if state.busy.load(Ordering::Acquire) => {
+                    std::thread::park_timeout(SYNC_WAIT_POLL);
+                }
                 Err(_) => break,
             }
         }
-        if let Err(msg) = apply_batch(&conn, &mut batch)
-            && let Ok(mut f) = failures.lock()
-        {
-            *f = Some((std::time::Instant::now(), msg));
+        state.busy.store(true, Ordering::Release);
+        if let Err(msg) = batch.commit(&conn, &synced_tx) {
+            state.busy.store(false, Ordering::Release);
+            if let Ok(mut f) = failures.lock() {
+                *f = Some((std::time::Instant::now(), msg));
+            }
         }
 
         let now = super::now_ms();
@@ -347,7 +456,10 @@ fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, failur
             }
         }
     }
-    // Queue closed: every write was answered. Fold the WAL back into the file.
+    // Queue closed: let the syncer answer the last writes, then fold the WAL
+    // back into the file (a checkpoint syncs the database file).
+    drop(synced_tx);
+    let _ = syncer.join();
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
         tracing::warn!(error = %e, "WAL checkpoint at close failed");
     }
@@ -356,72 +468,186 @@ fn run_writer(conn: Connection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>, failur
     }
 }
 
-/// Applies a batch in one transaction, each write in its own savepoint, and
-/// answers every write with the commit's outcome.
-/// Returns the last failure of the batch, if a write or the commit failed.
-fn apply_batch(conn: &Connection, batch: &mut Vec<Box<dyn WriteOp>>) -> Result<(), String> {
-    let fail_all = |ops: &mut dyn Iterator<Item = Box<dyn WriteOp>>, msg: &str| {
-        for op in ops {
-            op.finish(Err(StoreError::unavailable(format!(
-                "commit failed: {msg}"
-            ))));
+/// The syncer thread: flushes the WAL once for every committed batch waiting,
+/// then answers their callers.
+fn run_syncer(
+    mut wal: WalFile,
+    committed: std::sync::mpsc::Receiver<Vec<Box<dyn WriteOp>>>,
+    broken: Broken,
+    failures: FailureLog,
+    state: Arc<SyncerState>,
+) {
+    let mut waiting: Vec<Box<dyn WriteOp>> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = committed.recv() {
+        waiting.extend(first);
+        while let Ok(more) = committed.try_recv() {
+            waiting.extend(more);
         }
-    };
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        tracing::error!(error = %e, writes = batch.len(), "store cannot begin a transaction");
-        fail_all(&mut batch.drain(..), &e.to_string());
-        return Err(e.to_string());
+        let outcome = match broken.get() {
+            Some(msg) => Err(msg.clone()),
+            None => wal.sync().map_err(|e| {
+                let msg = format!(
+                    "flushing the write-ahead log failed ({e}); the store takes no more \
+                     writes until qualia-webhook is restarted"
+                );
+                tracing::error!(error = %msg, writes = waiting.len(), "store cannot make writes durable");
+                let _ = broken.set(msg.clone());
+                if let Ok(mut f) = failures.lock() {
+                    *f = Some((std::time::Instant::now(), msg.clone()));
+                }
+                msg
+            }),
+        };
+        state
+            .busy
+            .store(false, std::sync::atomic::Ordering::Release);
+        state.writer.unpark();
+        for op in waiting.drain(..) {
+            op.finish(outcome.clone().map_err(StoreError::unavailable));
+        }
     }
-    let mut op_failure: Option<String> = None;
-    let mut applied: Vec<Box<dyn WriteOp>> = Vec::with_capacity(batch.len());
-    let mut aborted: Option<String> = None;
-    let mut pending = batch.drain(..);
-    for mut op in pending.by_ref() {
-        if let Err(e) = conn.execute_batch("SAVEPOINT w") {
-            aborted = Some(e.to_string());
-            applied.push(op);
-            break;
+}
+
+/// One transaction of the writer.
+///
+/// Writes are applied one after the other without savepoints: a savepoint
+/// makes SQLite copy every page a write touches into a sub-journal, which
+/// doubled the bytes written per notification (docs/performance.md). Should
+/// a write fail, the transaction is undone and applied again "carefully",
+/// each write in its own savepoint, so that only the failing write is lost.
+struct Batch {
+    applied: Vec<Box<dyn WriteOp>>,
+    /// Whether each write is in its own savepoint.
+    careful: bool,
+    /// The last failure of a single write (undone, answered with its error).
+    op_failure: Option<String>,
+    /// Why the whole transaction is lost, if it is.
+    aborted: Option<String>,
+}
+
+impl Batch {
+    fn begin(conn: &Connection, first: Box<dyn WriteOp>) -> Batch {
+        let mut batch = Batch {
+            applied: Vec::with_capacity(MAX_BATCH),
+            careful: false,
+            op_failure: None,
+            aborted: None,
+        };
+        match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => batch.apply(conn, first),
+            Err(e) => {
+                batch.aborted = Some(e.to_string());
+                batch.applied.push(first);
+            }
         }
-        let applied_ok = op.apply(conn);
-        let ok = applied_ok.is_ok();
-        if let Err(msg) = applied_ok {
-            op_failure = Some(msg);
+        batch
+    }
+
+    /// Whether more writes can join.
+    fn open(&self) -> bool {
+        self.aborted.is_none() && self.applied.len() < MAX_BATCH
+    }
+
+    fn apply(&mut self, conn: &Connection, mut op: Box<dyn WriteOp>) {
+        if self.careful || self.aborted.is_some() {
+            self.apply_in_savepoint(conn, op);
+            return;
         }
-        applied.push(op);
+        let result = op.apply(conn);
+        self.applied.push(op);
+        if result.is_err() || conn.is_autocommit() {
+            self.redo_carefully(conn);
+        }
+    }
+
+    /// Undoes the transaction and applies its writes again, each in its own
+    /// savepoint.
+    fn redo_carefully(&mut self, conn: &Connection) {
+        self.careful = true;
+        if !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            self.aborted = Some(e.to_string());
+            return;
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            self.aborted = Some(e.to_string());
+            return;
+        }
+        for op in std::mem::take(&mut self.applied) {
+            self.apply_in_savepoint(conn, op);
+        }
+    }
+
+    fn apply_in_savepoint(&mut self, conn: &Connection, mut op: Box<dyn WriteOp>) {
+        if self.aborted.is_some() {
+            // Nothing more can join a lost transaction; answered at commit.
+            self.applied.push(op);
+            return;
+        }
+        if let Err(e) = conn
+            .prepare_cached("SAVEPOINT w")
+            .and_then(|mut s| s.execute([]))
+        {
+            self.aborted = Some(e.to_string());
+            self.applied.push(op);
+            return;
+        }
+        let result = op.apply(conn);
+        self.applied.push(op);
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back (disk full, I/O error):
             // nothing in this batch is committed.
-            aborted = Some("the database rolled the transaction back".into());
-            break;
+            self.aborted = Some("the database rolled the transaction back".into());
+            return;
         }
-        let end = if ok {
-            conn.execute_batch("RELEASE w")
-        } else {
-            conn.execute_batch("ROLLBACK TO w; RELEASE w")
+        let end = match result {
+            Ok(()) => conn
+                .prepare_cached("RELEASE w")
+                .and_then(|mut s| s.execute([])),
+            Err(msg) => {
+                self.op_failure = Some(msg);
+                conn.execute_batch("ROLLBACK TO w; RELEASE w").map(|()| 0)
+            }
         };
         if let Err(e) = end {
-            aborted = Some(e.to_string());
-            break;
+            self.aborted = Some(e.to_string());
         }
     }
-    let rest: Vec<_> = pending.collect();
 
-    let outcome = match aborted {
-        Some(msg) => Err(msg),
-        None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
-    };
-    match outcome {
-        Ok(()) => {
-            applied.into_iter().for_each(|op| op.finish(Ok(())));
-            op_failure.map_or(Ok(()), Err)
-        }
-        Err(msg) => {
-            if !conn.is_autocommit() {
-                let _ = conn.execute_batch("ROLLBACK");
+    /// Commits and hands the writes to the syncer, or answers every write
+    /// with the failure. Returns the last failure, if any.
+    fn commit(
+        self,
+        conn: &Connection,
+        syncer: &std::sync::mpsc::Sender<Vec<Box<dyn WriteOp>>>,
+    ) -> Result<(), String> {
+        let outcome = match self.aborted {
+            Some(msg) => Err(msg),
+            None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                if let Err(std::sync::mpsc::SendError(ops)) = syncer.send(self.applied) {
+                    for op in ops {
+                        op.finish(Err(StoreError::unavailable("the WAL syncer has stopped")));
+                    }
+                    return Err("the WAL syncer has stopped".into());
+                }
+                self.op_failure.map_or(Ok(()), Err)
             }
-            tracing::error!(error = %msg, writes = applied.len() + rest.len(), "store commit failed");
-            fail_all(&mut applied.into_iter().chain(rest), &msg);
-            Err(msg)
+            Err(msg) => {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                tracing::error!(error = %msg, writes = self.applied.len(), "store commit failed");
+                for op in self.applied {
+                    op.finish(Err(StoreError::unavailable(format!(
+                        "commit failed: {msg}"
+                    ))));
+                }
+                Err(msg)
+            }
         }
     }
 }
@@ -1001,5 +1227,65 @@ impl Store for SqliteStore {
         if let Ok(mut readers) = self.readers.lock() {
             readers.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes that share a transaction with a failing write are committed;
+    /// only the failing one is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_does_not_take_its_batch_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::open(&dir.path().join("t.db"), 10)
+                .await
+                .unwrap(),
+        );
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..200i64 {
+            let store = Arc::clone(&store);
+            writes.spawn(async move {
+                let result = store
+                    .write(move |conn| {
+                        conn.execute(
+                            "INSERT INTO meta(key, value) VALUES (?1, 'x')",
+                            [format!("k{i}")],
+                        )?;
+                        if i % 50 == 7 {
+                            // Fails after a first statement took effect.
+                            conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                (i, result.is_ok())
+            });
+        }
+        let mut refused = Vec::new();
+        while let Some(done) = writes.join_next().await {
+            let (i, ok) = done.unwrap();
+            if !ok {
+                refused.push(i);
+            }
+        }
+        refused.sort();
+        assert_eq!(refused, vec![7, 57, 107, 157]);
+        let stored: i64 = store
+            .read(|conn| {
+                conn.query_row("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'", [], |r| {
+                    r.get(0)
+                })
+                .map_err(unavailable)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            stored, 196,
+            "every other write is committed, no part of a failed one"
+        );
+        store.close().await;
     }
 }
