@@ -244,21 +244,12 @@ impl Notification {
     /// A message with an id is identified by `(order_id, message_id)` forever;
     /// anything else by `(type, order_id, description)` within the window.
     pub fn dedup_key(&self) -> DedupKey {
-        // U+001F cannot appear in ids (control characters are refused), so the
-        // parts cannot run into each other.
-        match (&self.activity_type, &self.message_id) {
-            (ActivityType::Message, Some(message_id)) => DedupKey {
-                key: format!("message\u{1f}{}\u{1f}{}", self.order_id, message_id),
-                forever: true,
-            },
-            _ => DedupKey {
-                key: format!(
-                    "{}\u{1f}{}\u{1f}{}",
-                    self.activity_type, self.order_id, self.description
-                ),
-                forever: false,
-            },
-        }
+        DedupKey::of(
+            self.activity_type,
+            self.order_id.as_ref(),
+            &self.description,
+            self.message_id.as_ref().map(AsRef::as_ref),
+        )
     }
 
     /// Whether this notification needs its details fetched from Qualia.
@@ -277,12 +268,44 @@ pub struct DedupKey {
 }
 
 impl DedupKey {
+    /// The key of a notification with these fields (see
+    /// `Notification::dedup_key`).
+    pub fn of(
+        activity_type: ActivityType,
+        order_id: &str,
+        description: &str,
+        message_id: Option<&str>,
+    ) -> DedupKey {
+        // U+001F cannot appear in ids (control characters are refused), so the
+        // parts cannot run into each other.
+        match (activity_type, message_id) {
+            (ActivityType::Message, Some(message_id)) => DedupKey {
+                key: format!("message\u{1f}{order_id}\u{1f}{message_id}"),
+                forever: true,
+            },
+            _ => DedupKey {
+                key: format!("{activity_type}\u{1f}{order_id}\u{1f}{description}"),
+                forever: false,
+            },
+        }
+    }
+
     /// A fixed-length digest of the key (hex SHA-256), for stores whose keys
     /// are length-limited.
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
         let hash = Sha256::digest(self.key.as_bytes());
         hash.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The first 8 bytes of the key's SHA-256 as a number: small enough to
+    /// index beside an order id; a match is confirmed on the stored fields.
+    pub fn short_hash(&self) -> i64 {
+        use sha2::{Digest, Sha256};
+        let hash = Sha256::digest(self.key.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash[..8]);
+        i64::from_be_bytes(first)
     }
 }
 
