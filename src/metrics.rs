@@ -18,7 +18,7 @@ pub struct HttpLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
     /// The activity type (the label is `type`).
-    pub r#type: String,
+    pub r#type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,9 +142,7 @@ impl Metrics {
         // Known label values start at zero, so every series exists from the
         // first scrape (rates and alerts need no special case for "absent").
         for t in crate::activity::ActivityType::ALL {
-            let label = TypeLabel {
-                r#type: t.as_str().to_owned(),
-            };
+            let label = TypeLabel { r#type: t.as_str() };
             let _ = activities_stored.get_or_create(&label);
             let _ = duplicates.get_or_create(&label);
         }

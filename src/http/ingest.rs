@@ -142,7 +142,7 @@ async fn ingest_checked(
                 state.wake.notify_one();
             }
             let label = TypeLabel {
-                r#type: activity_type.as_str().to_owned(),
+                r#type: activity_type.as_str(),
             };
             if recorded.duplicate {
                 state.metrics.duplicates.get_or_create(&label).inc();

@@ -547,6 +547,11 @@ fn run_syncer(
     }
 }
 
+/// Runs a statement without parameters, prepared once per connection.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 /// One transaction of the writer.
 ///
 /// Writes are applied one after the other without savepoints: a savepoint
@@ -572,7 +577,7 @@ impl Batch {
             op_failure: None,
             aborted: None,
         };
-        match conn.execute_batch("BEGIN IMMEDIATE") {
+        match run_cached(conn, "BEGIN IMMEDIATE") {
             Ok(()) => batch.apply(conn, first),
             Err(e) => {
                 batch.aborted = Some(e.to_string());
@@ -609,7 +614,7 @@ impl Batch {
             self.aborted = Some(e.to_string());
             return;
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = run_cached(conn, "BEGIN IMMEDIATE") {
             self.aborted = Some(e.to_string());
             return;
         }
@@ -624,10 +629,7 @@ impl Batch {
             self.applied.push(op);
             return;
         }
-        if let Err(e) = conn
-            .prepare_cached("SAVEPOINT w")
-            .and_then(|mut s| s.execute([]))
-        {
+        if let Err(e) = run_cached(conn, "SAVEPOINT w") {
             self.aborted = Some(e.to_string());
             self.applied.push(op);
             return;
@@ -641,12 +643,10 @@ impl Batch {
             return;
         }
         let end = match result {
-            Ok(()) => conn
-                .prepare_cached("RELEASE w")
-                .and_then(|mut s| s.execute([])),
+            Ok(()) => run_cached(conn, "RELEASE w"),
             Err(msg) => {
                 self.op_failure = Some(msg);
-                conn.execute_batch("ROLLBACK TO w; RELEASE w").map(|()| 0)
+                conn.execute_batch("ROLLBACK TO w; RELEASE w")
             }
         };
         if let Err(e) = end {
@@ -663,7 +663,7 @@ impl Batch {
     ) -> Result<(), String> {
         let outcome = match self.aborted {
             Some(msg) => Err(msg),
-            None => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+            None => run_cached(conn, "COMMIT").map_err(|e| e.to_string()),
         };
         match outcome {
             Ok(()) => {

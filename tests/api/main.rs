@@ -1,5 +1,6 @@
 //! Black-box tests: the real server on port 0 with a temporary store.
 
+mod bench;
 mod crash;
 mod enrichment;
 mod fault_matrix;
