@@ -75,6 +75,10 @@ struct Args {
     /// Offered rates of the open loop, as shares of the baseline's rate.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,0.75")]
     rates: Vec<f64>,
+    /// Further open-loop rates, as shares of each service's own closed-loop
+    /// rate: its latency at a load it sustains.
+    #[arg(long, value_delimiter = ',', default_value = "0.5")]
+    own_rates: Vec<f64>,
     /// Connections against the DynamoDB emulator, which serves one request
     /// at a time.
     #[arg(long, default_value_t = 16)]
@@ -303,11 +307,31 @@ fn start_emulator(python: &Path) -> Result<Emulator, String> {
 
 // ------------------------------------------------------------ load generator
 
-/// A notification's key: which phase, sender and sequence number. Its order
-/// id spells the key (`bench` and 16 hex digits), so the stored activities
-/// can be matched back.
+/// Spreads keys over the whole range, invertibly (an odd multiplier is a
+/// bijection modulo 2^64): order ids come out in random order, as Qualia's
+/// do, and not as a few sequential runs that would flatter a B-tree.
+const SPREAD: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// `SPREAD`'s inverse modulo 2^64 (Newton's iteration doubles the correct
+/// bits each step).
+fn unspread(x: u64) -> u64 {
+    let mut inv = SPREAD;
+    for _ in 0..6 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(SPREAD.wrapping_mul(inv)));
+    }
+    x.wrapping_mul(inv)
+}
+
+/// The order id of a key: `bench` and 16 hex digits of the spread key.
+fn order_id(key: u64) -> String {
+    format!("bench{:016x}", key.wrapping_mul(SPREAD))
+}
+
+/// The key an order id spells, so the stored activities can be matched back.
 fn key_of(order_id: &str) -> Option<u64> {
-    u64::from_str_radix(order_id.strip_prefix("bench")?, 16).ok()
+    u64::from_str_radix(order_id.strip_prefix("bench")?, 16)
+        .ok()
+        .map(unspread)
 }
 
 fn key(phase: u64, sender: u64, n: u64) -> u64 {
@@ -325,15 +349,16 @@ fn notification(key: u64) -> Bytes {
         "documents",
     ];
     let t = TYPES[(key % 6) as usize];
+    let order = order_id(key);
     // Formatted directly: the generator shares the machine, so it is kept
     // cheap. Every field is plain ASCII, nothing needs escaping.
     let body = if t == "message" {
         format!(
-            r#"{{"type":"message","order_id":"bench{key:016x}","message_id":"mbench{key:016x}","description":"Marty McFly sent you a message."}}"#
+            r#"{{"type":"message","order_id":"{order}","message_id":"m{order}","description":"Marty McFly sent you a message."}}"#
         )
     } else {
         format!(
-            r#"{{"type":"{t}","order_id":"bench{key:016x}","description":"Boston Legal has sent you additional documents on order #TEST-2018-1"}}"#
+            r#"{{"type":"{t}","order_id":"{order}","description":"Boston Legal has sent you additional documents on order #TEST-2018-1"}}"#
         )
     };
     Bytes::from(body)
@@ -619,11 +644,16 @@ async fn measure(server: &Server, plan: Plan, args: &Args) -> Result<Row, String
     let mut all = closed;
     let errors = all.errors;
     let mut open = Vec::new();
-    let (base, of) = match reference {
-        Some(r) => (r, "baseline"),
-        None => (rps, "own rate"),
+    // Shares of the baseline's rate (or of the server's own, without one),
+    // then shares of the server's own rate: latency at a load it sustains.
+    let mut shares: Vec<(f64, &'static str, f64)> = match reference {
+        Some(r) => args.rates.iter().map(|s| (*s, "baseline", r)).collect(),
+        None => args.rates.iter().map(|s| (*s, "own rate", rps)).collect(),
     };
-    for (i, share) in args.rates.iter().enumerate() {
+    if reference.is_some() {
+        shares.extend(args.own_rates.iter().map(|s| (*s, "own rate", rps)));
+    }
+    for (i, (share, of, base)) in shares.into_iter().enumerate() {
         let offered = (base * share).max(1.0);
         let out = open_loop(
             server.addr,
@@ -634,7 +664,7 @@ async fn measure(server: &Server, plan: Plan, args: &Args) -> Result<Row, String
         )
         .await;
         open.push(OpenRow {
-            share: *share,
+            share,
             of,
             offered,
             p50: percentile_ms(&out.latencies, 0.50),
@@ -885,6 +915,7 @@ async fn run(args: Args) -> Result<bool, String> {
     };
     let no_open_loop = Args {
         rates: Vec::new(),
+        own_rates: Vec::new(),
         ..args.clone()
     };
     let row = measure(&baseline, plan, &no_open_loop).await?;
@@ -991,5 +1022,25 @@ fn main() -> ExitCode {
             eprintln!("bench: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_ids_map_back_to_their_keys() {
+        for k in [
+            0,
+            1,
+            7,
+            key(16, 255, 123_456),
+            key(35, 0, u32::MAX as u64),
+            u64::MAX,
+        ] {
+            assert_eq!(key_of(&order_id(k)), Some(k), "{k}");
+        }
+        assert_eq!(key_of("other"), None);
     }
 }

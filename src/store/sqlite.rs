@@ -1,8 +1,9 @@
 //! The embedded SQLite backend.
 //!
 //! Writes go through one writer thread that owns the only write connection.
-//! It takes every write waiting in its queue, applies each in its own
-//! savepoint inside one transaction and commits once: group commit. The
+//! It takes every write waiting in its queue, applies them in one
+//! transaction and commits once: group commit (see `Batch` for how a failing
+//! write is undone without losing the others). The
 //! commit puts the transaction in the write-ahead log (WAL); a second thread,
 //! the syncer, then flushes the WAL to the disk (`fdatasync`) and only after
 //! that answers the callers of every transaction the flush covered. So the
