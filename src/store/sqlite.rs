@@ -573,7 +573,7 @@ struct Batch {
 impl Batch {
     fn begin(conn: &Connection, first: Box<dyn WriteOp>) -> Batch {
         let mut batch = Batch {
-            applied: Vec::with_capacity(MAX_BATCH),
+            applied: Vec::with_capacity(64),
             careful: false,
             op_failure: None,
             aborted: None,
