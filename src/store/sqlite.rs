@@ -15,6 +15,9 @@
 //! checkpoint and the database file after it, so a transaction that leaves the
 //! WAL is durable in the database file first.)
 //!
+//! A third thread copies the WAL into the database file (checkpoints), so
+//! that work is not done inside the writer's commits; see `Checkpointer`.
+//!
 //! If a flush fails, the disk may have dropped written pages, so the store
 //! refuses every later write (503, `/ready` fails) until the process is
 //! restarted and SQLite recovers the file.
