@@ -547,15 +547,17 @@ fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 
 // ------------------------------------------------------------------ checks
 
-/// Pages through every stored activity and checks that each acknowledged
-/// key is among them. Returns (stored, acknowledged but missing).
-async fn check_stored(addr: SocketAddr, acked: &[u64]) -> Result<(u64, u64), String> {
+/// Reads every page of a paged read-API list (`path` with its query, which
+/// takes `&cursor=`), handing each page to `on_page`.
+async fn for_each_page(
+    addr: SocketAddr,
+    path: &str,
+    mut on_page: impl FnMut(&Value),
+) -> Result<(), String> {
     let client = reqwest::Client::new();
-    let mut missing: HashSet<u64> = acked.iter().copied().collect();
-    let mut stored = 0u64;
     let mut cursor: Option<String> = None;
     loop {
-        let mut url = format!("http://{addr}/activities?limit=500");
+        let mut url = format!("http://{addr}{path}");
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }
@@ -565,21 +567,33 @@ async fn check_stored(addr: SocketAddr, acked: &[u64]) -> Result<(u64, u64), Str
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("reading back the activities: {e}"))?
+            .map_err(|e| format!("GET {path}: {e}"))?
             .json()
             .await
-            .map_err(|e| format!("reading back the activities: {e}"))?;
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        on_page(&page);
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Pages through every stored activity and checks that each acknowledged
+/// key is among them. Returns (stored, acknowledged but missing).
+async fn check_stored(addr: SocketAddr, acked: &[u64]) -> Result<(u64, u64), String> {
+    let mut missing: HashSet<u64> = acked.iter().copied().collect();
+    let mut stored = 0u64;
+    for_each_page(addr, "/activities?limit=500", |page| {
         for a in page["activities"].as_array().into_iter().flatten() {
             stored += 1;
             if let Some(k) = a["order_id"].as_str().and_then(key_of) {
                 missing.remove(&k);
             }
         }
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return Ok((stored, missing.len() as u64)),
-        }
-    }
+    })
+    .await?;
+    Ok((stored, missing.len() as u64))
 }
 
 // ----------------------------------------------------------------- targets
@@ -707,30 +721,12 @@ struct Enrichment {
 }
 
 async fn count_jobs(addr: SocketAddr, state: &str) -> Result<u64, String> {
-    let client = reqwest::Client::new();
     let mut count = 0;
-    let mut cursor: Option<String> = None;
-    loop {
-        let mut url = format!("http://{addr}/jobs?state={state}&limit=500");
-        if let Some(c) = &cursor {
-            url.push_str(&format!("&cursor={c}"));
-        }
-        let page: Value = client
-            .get(&url)
-            .basic_auth(USER, Some(PASSWORD))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("listing jobs: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("listing jobs: {e}"))?;
+    for_each_page(addr, &format!("/jobs?state={state}&limit=500"), |page| {
         count += page["count"].as_u64().unwrap_or(0);
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return Ok(count),
-        }
-    }
+    })
+    .await?;
+    Ok(count)
 }
 
 async fn enrichment(bin: &Path, args: &Args) -> Result<Enrichment, String> {
